@@ -1,0 +1,34 @@
+"""A plain-loop transcription of the paper's Algorithm 1, the yardstick for the tests."""
+
+import math
+
+import torch
+
+
+def reference_partners(router_weight: torch.Tensor) -> list[int]:
+    """j*(i) = argmax_{j != i} S_ij (Eq. 5-6), first index on ties, in float64 loops."""
+    rows = router_weight.double().tolist()
+    norms = [math.sqrt(sum(x * x for x in row)) or 1e-300 for row in rows]
+    partners = []
+    for i, row_i in enumerate(rows):
+        best_j, best = None, -math.inf
+        for j, row_j in enumerate(rows):
+            if j == i:
+                continue
+            similarity = sum(a * b for a, b in zip(row_i, row_j)) / (norms[i] * norms[j])
+            if similarity > best:
+                best_j, best = j, similarity
+        partners.append(best_j)
+    return partners
+
+
+def reference_gatepro(logits: torch.Tensor, router_weight: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Eq. 7-8 token by token: a loser (strictly lower than its partner) loses ``penalty``, in float32."""
+    partners = reference_partners(router_weight)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    out = flat.clone()
+    for t in range(flat.shape[0]):
+        for i, j in enumerate(partners):
+            if flat[t, i] < flat[t, j]:
+                out[t, i] = flat[t, i] - torch.tensor(penalty, dtype=torch.float32)
+    return out.reshape(logits.shape)
