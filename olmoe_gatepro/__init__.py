@@ -1,0 +1,28 @@
+"""GatePro (arXiv 2510.13079) for OLMoE: the math, diversity metrics and framework patches."""
+
+from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.transformers_patch import (
+    gatepro_settings,
+    patch_transformers,
+    refresh_partners,
+    set_gatepro,
+    unpatch_transformers,
+)
+
+__all__ = [
+    "GateProConfig",
+    "competition_partners",
+    "gatepro_logits",
+    "gatepro_settings",
+    "patch_transformers",
+    "refresh_partners",
+    "set_gatepro",
+    "unpatch",
+    "unpatch_transformers",
+]
+
+
+def unpatch() -> None:
+    """Undo every GatePro patch this package applied, restoring stock behaviour exactly."""
+    unpatch_transformers()

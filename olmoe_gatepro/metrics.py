@@ -1,0 +1,105 @@
+"""Expert-diversity metrics of the GatePro paper (Appendix C) and the GatePro flip rate.
+
+Similarity metrics take a router weight W of shape (N, d) and use S, the cosine similarity
+of its rows, in float64 (they are diagnostics, not on the hot path). Load metrics take the
+chosen expert indices of one batch, an int tensor of any shape holding values in [0, N).
+Every function returns a Python float or int.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from olmoe_gatepro.gatepro import gatepro_logits
+
+__all__ = [
+    "cosine_similarity_matrix",
+    "average_cosine_similarity",
+    "average_angle_degrees",
+    "spectral_entropy",
+    "tokens_per_expert",
+    "zero_token_count",
+    "load_imbalance",
+    "flip_rate",
+    "router_weight_metrics",
+]
+
+
+def cosine_similarity_matrix(router_weight: torch.Tensor) -> torch.Tensor:
+    """S (Eq. 5): (N, N) float64 cosine similarity of the rows of ``router_weight`` (N, d)."""
+    unit_rows = F.normalize(router_weight.detach().double(), dim=-1)
+    return unit_rows @ unit_rows.T
+
+
+def _upper_pairs(similarity: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.triu_indices(*similarity.shape, offset=1, device=similarity.device)
+    return similarity[rows, cols]
+
+
+def average_cosine_similarity(router_weight: torch.Tensor) -> float:
+    """Mean of |S_ij| over the pairs i < j."""
+    return _upper_pairs(cosine_similarity_matrix(router_weight)).abs().mean().item()
+
+
+def average_angle_degrees(router_weight: torch.Tensor) -> float:
+    """Mean of arccos(S_ij) over the pairs i < j, in degrees (90 means orthogonal)."""
+    pairs = _upper_pairs(cosine_similarity_matrix(router_weight)).clamp(-1.0, 1.0)
+    return math.degrees(torch.arccos(pairs).mean().item())
+
+
+def spectral_entropy(router_weight: torch.Tensor, eps: float = 1e-8) -> float:
+    """-sum p_i log p_i (natural log) with p_i = (sigma_i + eps) / (sum sigma + N eps), sigma = svd(S)."""
+    singular_values = torch.linalg.svdvals(cosine_similarity_matrix(router_weight))
+    normalised = (singular_values + eps) / (singular_values.sum() + singular_values.numel() * eps)
+    return -(normalised * normalised.log()).sum().item()
+
+
+def tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N,) int64: how many (token, slot) assignments each expert received."""
+    return torch.bincount(expert_indices.reshape(-1).long(), minlength=num_experts)
+
+
+def zero_token_count(expert_indices: torch.Tensor, num_experts: int) -> int:
+    """How many experts received no token at all in this batch."""
+    return int((tokens_per_expert(expert_indices, num_experts) == 0).sum().item())
+
+
+def load_imbalance(expert_indices: torch.Tensor, num_experts: int) -> float:
+    """Max over mean of tokens per expert: 1.0 is perfectly balanced, N means one expert takes all."""
+    counts = tokens_per_expert(expert_indices, num_experts).double()
+    return (counts.max() / counts.mean()).item()
+
+
+def flip_rate(
+    logits: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    penalty: float = 1e-4,
+    *,
+    num_competitors: int = 1,
+    hard: bool = False,
+) -> float:
+    """Fraction of tokens whose top-k expert set differs with and without the GatePro penalty.
+
+    Args:
+        logits: (..., N) unpenalised router logits of a batch.
+        router_weight: (N, d), the router weight that produced them.
+        top_k: experts chosen per token.
+    """
+    plain = logits.detach().float()
+    penalised = gatepro_logits(
+        plain, router_weight, penalty, num_competitors=num_competitors, hard=hard
+    )
+    plain_set = plain.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    penalised_set = penalised.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    return (plain_set != penalised_set).any(dim=-1).double().mean().item()
+
+
+def router_weight_metrics(router_weight: torch.Tensor) -> dict[str, float]:
+    """The three similarity metrics of one router, by name."""
+    return {
+        "avg_cosine_similarity": average_cosine_similarity(router_weight),
+        "avg_angle_deg": average_angle_degrees(router_weight),
+        "spectral_entropy": spectral_entropy(router_weight),
+    }

@@ -1,0 +1,222 @@
+"""Train a tiny transformers OLMoE on the CPU with and without GatePro and compare routing.
+
+The corpus is built locally with no network: the UTF-8 bytes of the source of a fixed list of
+Python standard-library modules, tokenised byte by byte (vocabulary 256), so a step costs
+little and the run is deterministic for a seed on a given Python. Both runs start from the
+same initial weights and see the same batches; only the GatePro setting differs.
+"""
+
+import dataclasses
+import inspect
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from olmoe_gatepro import metrics
+from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers, refresh_partners
+
+__all__ = ["TinyRunConfig", "corpus_tokens", "build_tiny_olmoe", "train_tiny", "compare_tiny"]
+
+CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
+LAYER_METRICS = (
+    "avg_cosine_similarity",
+    "avg_angle_deg",
+    "spectral_entropy",
+    "zero_token_count",
+    "load_imbalance",
+    "flip_rate",
+)
+
+
+@dataclass(frozen=True)
+class TinyRunConfig:
+    """A tiny OLMoE and its CPU training run."""
+
+    seed: int = 0
+    steps: int = 40
+    batch_size: int = 16
+    seq_len: int = 128
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_experts: int = 16
+    top_k: int = 4
+    expert_hidden_size: int = 64
+    learning_rate: float = 3e-3
+    router_aux_loss_coef: float = 0.01
+    log_every: int = 10
+
+
+def corpus_tokens() -> torch.Tensor:
+    """int64 (T,): the bytes of the standard-library sources in ``CORPUS_MODULES``."""
+    text = "\n".join(inspect.getsource(importlib.import_module(name)) for name in CORPUS_MODULES)
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
+    """A randomly initialised ``OlmoeForCausalLM`` (fp32) seeded with ``config.seed``."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(config.seed)
+    model_config = OlmoeConfig(
+        vocab_size=256,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.expert_hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+        max_position_embeddings=config.seq_len,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        output_router_logits=config.router_aux_loss_coef > 0,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return OlmoeForCausalLM(model_config)
+
+
+def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
+    """(steps, batch, seq_len + 1) windows of ``tokens`` in a seeded random order."""
+    generator = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(
+        0, tokens.numel() - config.seq_len - 1, (config.steps, config.batch_size), generator=generator
+    )
+    return tokens[starts.unsqueeze(-1) + torch.arange(config.seq_len + 1)]
+
+
+class _RouterRecorder:
+    """Keeps each router's last input (N_tokens, d) and chosen experts (N_tokens, k) while on."""
+
+    def __init__(self, routers: list[nn.Module]):
+        self.inputs: list[torch.Tensor | None] = [None] * len(routers)
+        self.chosen: list[torch.Tensor | None] = [None] * len(routers)
+        self.active = False
+        for layer, router in enumerate(routers):
+            router.register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: int):
+        def record(module, args, output):
+            if self.active:
+                self.inputs[layer] = args[0].detach().reshape(-1, module.hidden_dim)
+                self.chosen[layer] = output[2].detach()
+
+        return record
+
+
+def _layer_metrics(router: nn.Module, recorded_input, chosen, penalty: float) -> dict[str, float]:
+    weight = router.weight.detach()
+    raw_logits = torch.nn.functional.linear(recorded_input, weight)
+    return {
+        **metrics.router_weight_metrics(weight),
+        "zero_token_count": metrics.zero_token_count(chosen, router.num_experts),
+        "load_imbalance": metrics.load_imbalance(chosen, router.num_experts),
+        "flip_rate": metrics.flip_rate(raw_logits, weight, router.top_k, penalty),
+    }
+
+
+def train_tiny(
+    config: TinyRunConfig, gatepro: GateProConfig, tokens: torch.Tensor, progress=None
+) -> list[dict]:
+    """Train one tiny OLMoE; return a record per logged step with loss and per-layer metrics.
+
+    ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro at
+    ``gatepro.penalty`` would change in the baseline's routing.
+    """
+    model = build_tiny_olmoe(config)
+    patch_transformers(model=model, config=gatepro)
+    routers = olmoe_routers(model)
+    recorder = _RouterRecorder(routers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95))
+    split = int(tokens.numel() * 0.9)
+    train_batches = _batches(tokens[:split], config)
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=config.seed + 1))[0]
+    records = []
+    model.train()
+    for step in range(1, config.steps + 1):
+        refresh_partners(model, step)
+        batch = train_batches[step - 1]
+        logging = step % config.log_every == 0 or step == config.steps
+        recorder.active = logging
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if logging:
+            recorder.active = False
+            with torch.no_grad():
+                held_out_loss = model(
+                    input_ids=held_out[:, :-1], labels=held_out[:, 1:].contiguous()
+                ).loss.item()
+            layers = [
+                _layer_metrics(router, recorder.inputs[i], recorder.chosen[i], gatepro.penalty)
+                for i, router in enumerate(routers)
+            ]
+            records.append(
+                {"step": step, "loss": loss.item(), "held_out_loss": held_out_loss, "layers": layers}
+            )
+        if progress is not None:
+            progress(step, config.steps, loss.item())
+    return records
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as file:
+        json.dump(payload, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def compare_tiny(
+    config: TinyRunConfig, gatepro: GateProConfig, out_dir: str | None = None, echo=print
+) -> dict:
+    """Train baseline and GatePro from the same seed and data; print and return their metrics."""
+    tokens = corpus_tokens()
+    runs = {}
+    for name, setting in (("baseline", gatepro.replace(enabled=False)), ("gatepro", gatepro)):
+        started = time.monotonic()
+
+        def progress(step, total, loss, name=name):
+            if step % config.log_every == 0 or step == total:
+                echo(f"[{name}] step {step}/{total} loss {loss:.4f}")
+
+        runs[name] = train_tiny(config, setting, tokens, progress)
+        echo(f"[{name}] trained in {time.monotonic() - started:.1f} s")
+    result = {
+        "tiny_run": dataclasses.asdict(config),
+        "gatepro": dataclasses.asdict(gatepro),
+        "corpus_modules": list(CORPUS_MODULES),
+        "corpus_tokens": int(tokens.numel()),
+        "runs": runs,
+    }
+    echo(format_comparison(runs))
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "tiny_comparison.json")
+        _write_json_atomically(path, result)
+        echo(f"wrote {path}")
+    return result
+
+
+def format_comparison(runs: dict[str, list[dict]]) -> str:
+    """A plain-text table of the final step: losses, then each layer's metrics, run by run."""
+    names = list(runs)
+    finals = [runs[name][-1] for name in names]
+    header = f"{'metric (final step ' + str(finals[0]['step']) + ')':<34}" + "".join(f"{n:>14}" for n in names)
+    lines = [header, "-" * len(header)]
+    for key in ("loss", "held_out_loss"):
+        lines.append(f"{key:<34}" + "".join(f"{final[key]:>14.4f}" for final in finals))
+    for layer in range(len(finals[0]["layers"])):
+        for key in LAYER_METRICS:
+            values = "".join(f"{final['layers'][layer][key]:>14.4f}" for final in finals)
+            lines.append(f"{'layer ' + str(layer) + ' ' + key:<34}{values}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from olmoe_gatepro import gatepro_logits, metrics
+
+
+def test_orthogonal_experts():
+    weight = torch.eye(4, 6)
+    assert metrics.average_cosine_similarity(weight) == pytest.approx(0.0)
+    assert metrics.average_angle_degrees(weight) == pytest.approx(90.0)
+    # S = I: four equal singular values, entropy log 4.
+    assert metrics.spectral_entropy(weight) == pytest.approx(math.log(4))
+
+
+def test_identical_experts():
+    weight = torch.ones(3, 5)
+    assert metrics.average_cosine_similarity(weight) == pytest.approx(1.0)
+    assert metrics.average_angle_degrees(weight) == pytest.approx(0.0, abs=1e-3)
+    # S = all ones: one singular value 3, two zeros; entropy ~ 0 (eps 1e-8).
+    assert metrics.spectral_entropy(weight) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pairwise_definitions_on_a_hand_case():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+    # S_01 = 0, S_02 = -1/sqrt2, S_12 = 1/sqrt2
+    root_half = 1 / math.sqrt(2)
+    assert metrics.average_cosine_similarity(weight) == pytest.approx((0 + 2 * root_half) / 3)
+    assert metrics.average_angle_degrees(weight) == pytest.approx((90 + 135 + 45) / 3)
+    similarity = metrics.cosine_similarity_matrix(weight)
+    sigma = torch.linalg.svdvals(similarity)
+    p = (sigma + 1e-8) / (sigma.sum() + 3e-8)
+    assert metrics.spectral_entropy(weight) == pytest.approx(-(p * p.log()).sum().item())
+
+
+def test_load_metrics():
+    chosen = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    assert metrics.tokens_per_expert(chosen, 5).tolist() == [3, 2, 1, 0, 0]
+    assert metrics.zero_token_count(chosen, 5) == 2
+    assert metrics.load_imbalance(chosen, 5) == pytest.approx(3 / (6 / 5))
+
+
+def test_flip_rate_counts_tokens_whose_topk_set_changes():
+    weight = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
+    # Token 0: expert 0 loses to 1 and sits 0.05 above expert 2 in the 2nd slot.
+    # Token 1: expert 1 loses to 0 by a wide margin: only hard competition drops it.
+    logits = torch.tensor([[1.05, 2.0, 1.0, 0.0], [3.0, 2.0, -5.0, -6.0]])
+    assert metrics.flip_rate(logits, weight, top_k=2, penalty=0.01) == 0.0
+    assert metrics.flip_rate(logits, weight, top_k=2, penalty=0.1) == 0.5
+    assert metrics.flip_rate(logits, weight, top_k=2, hard=True) == 1.0
+
+
+def test_flip_rate_agrees_with_gatepro_logits_on_random_data():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, generator=generator)
+    logits = torch.randn(500, 16, generator=generator)
+    rate = metrics.flip_rate(logits, weight, top_k=4, penalty=0.3)
+    penalised = gatepro_logits(logits, weight, 0.3)
+    changed = sum(
+        set(logits[t].topk(4).indices.tolist()) != set(penalised[t].topk(4).indices.tolist())
+        for t in range(500)
+    )
+    assert 0 < rate < 1 and rate == pytest.approx(changed / 500)
