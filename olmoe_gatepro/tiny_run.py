@@ -207,6 +207,10 @@ def compare_tiny(
     return result
 
 
+def _cell(value: float | int) -> str:
+    return f"{value:>14d}" if isinstance(value, int) else f"{value:>14.4f}"
+
+
 def format_comparison(runs: dict[str, list[dict]]) -> str:
     """A plain-text table of the final step: losses, then each layer's metrics, run by run."""
     names = list(runs)
@@ -217,6 +221,6 @@ def format_comparison(runs: dict[str, list[dict]]) -> str:
         lines.append(f"{key:<34}" + "".join(f"{final[key]:>14.4f}" for final in finals))
     for layer in range(len(finals[0]["layers"])):
         for key in LAYER_METRICS:
-            values = "".join(f"{final['layers'][layer][key]:>14.4f}" for final in finals)
+            values = "".join(_cell(final["layers"][layer][key]) for final in finals)
             lines.append(f"{'layer ' + str(layer) + ' ' + key:<34}{values}")
     return "\n".join(lines)
