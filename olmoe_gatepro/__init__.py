@@ -2,13 +2,8 @@
 
 from olmoe_gatepro.config import GateProConfig
 from olmoe_gatepro.gatepro import competition_partners, gatepro_logits
-from olmoe_gatepro.transformers_patch import (
-    gatepro_settings,
-    patch_transformers,
-    refresh_partners,
-    set_gatepro,
-    unpatch_transformers,
-)
+from olmoe_gatepro.router_state import gatepro_settings, refresh_partners, set_gatepro
+from olmoe_gatepro.transformers_patch import patch_transformers, unpatch_transformers
 
 __all__ = [
     "GateProConfig",

@@ -19,7 +19,8 @@ from torch import nn
 
 from olmoe_gatepro import metrics
 from olmoe_gatepro.config import GateProConfig
-from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers, refresh_partners
+from olmoe_gatepro.router_state import refresh_partners
+from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
 
 __all__ = ["TinyRunConfig", "corpus_tokens", "build_tiny_olmoe", "train_tiny", "compare_tiny"]
 

@@ -8,7 +8,8 @@ import torch
 import olmoe_gatepro
 from olmoe_gatepro import gatepro_settings, patch_transformers, set_gatepro, unpatch
 from olmoe_gatepro.tiny_run import TinyRunConfig, build_tiny_olmoe
-from olmoe_gatepro.transformers_patch import olmoe_routers, refresh_partners
+from olmoe_gatepro import refresh_partners
+from olmoe_gatepro.transformers_patch import olmoe_routers
 from reference import reference_gatepro
 
 TINY = TinyRunConfig(hidden_size=32, num_layers=3, num_heads=2, num_experts=8, top_k=2, expert_hidden_size=16)
@@ -125,7 +126,7 @@ def test_hot_swap_on_a_live_model_changes_no_state():
 
 
 def test_hot_swap_needs_a_patched_model():
-    with pytest.raises(RuntimeError, match="patch_transformers"):
+    with pytest.raises(RuntimeError, match="no GatePro-routed router"):
         set_gatepro(_model(), enabled=False)
 
 
@@ -221,3 +222,14 @@ print("loaded", sum(p.numel() for p in model.parameters()))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("loaded")
+
+
+def test_unpatch_after_class_patch_and_hot_swap_leaves_no_gatepro_state():
+    model = _model()
+    stock_logits = _record_routing(_model(), _tokens())[1].logits
+    patch_transformers(penalty=PENALTY)
+    set_gatepro(model, penalty=2 * PENALTY)
+    _assert_routes_with_gatepro(model, 2 * PENALTY)
+    unpatch()
+    assert all(not hasattr(router, "_gatepro") for router in olmoe_routers(model))
+    assert torch.equal(_record_routing(model, _tokens())[1].logits, stock_logits)

@@ -1,0 +1,147 @@
+"""GatePro state on router modules of any framework: settings, cached partners, hot swap.
+
+An integration marks a router as GatePro-routed by giving it (its class, or the instance) a
+``GateProConfig`` under the attribute ``_gatepro``; a cached partner table, when used, lives
+under ``_gatepro_partners``. Both are plain attributes, never parameters or buffers, so state
+dicts keep their stock keys. A router exposes ``weight`` ((N, d) or flattened (N * d,), maybe a
+DTensor) and ``num_experts``.
+"""
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.gatepro import competition_partners, gatepro_logits
+
+__all__ = [
+    "SETTINGS_ATTR",
+    "PARTNERS_ATTR",
+    "router_weight_matrix",
+    "penalised_logits",
+    "gatepro_routers",
+    "set_gatepro",
+    "gatepro_settings",
+    "refresh_partners",
+    "set_instance_settings",
+    "strip_instance_state",
+    "routers_with_instance_state",
+]
+
+SETTINGS_ATTR = "_gatepro"
+PARTNERS_ATTR = "_gatepro_partners"
+_with_instance_state: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def router_weight_matrix(router: nn.Module) -> torch.Tensor:
+    """The router's full, detached (N, d) weight: a DTensor (FSDP/TP shard) is gathered first."""
+    weight = router.weight.detach()
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    return weight.view(router.num_experts, -1)
+
+
+def penalised_logits(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (..., N) of ``router`` after GatePro with the router's settings, in float32."""
+    settings: GateProConfig = getattr(router, SETTINGS_ATTR)
+    partners = None
+    if settings.partner_refresh_steps is not None:
+        partners = router.__dict__.get(PARTNERS_ATTR)
+        if partners is None:
+            raise RuntimeError(
+                "GatePro partner_refresh_steps is set but this router has no partner table yet: "
+                "call olmoe_gatepro.refresh_partners(model) before the first forward"
+            )
+    return gatepro_logits(
+        logits,
+        router_weight_matrix(router),
+        settings.penalty,
+        partners=partners,
+        num_competitors=settings.num_competitors,
+        hard=settings.hard,
+    )
+
+
+def gatepro_routers(model: nn.Module) -> list[nn.Module]:
+    """The GatePro-routed modules of ``model``; a RuntimeError when there are none."""
+    routers = [module for module in model.modules() if hasattr(module, SETTINGS_ATTR)]
+    if not routers:
+        raise RuntimeError(
+            f"{type(model).__name__} has no GatePro-routed router: call "
+            "olmoe_gatepro.patch_transformers() or patch_olmo_core() first"
+        )
+    return routers
+
+
+def set_gatepro(model: nn.Module, **changes) -> None:
+    """Change GatePro settings of a live model, e.g. ``set_gatepro(model, enabled=False)``.
+
+    Parameters, buffers and optimizer state are untouched: GatePro is hot-swappable.
+    """
+    routers = gatepro_routers(model)
+    for router in routers:
+        set_instance_settings(router, getattr(router, SETTINGS_ATTR).replace(**changes))
+    if any(getattr(router, SETTINGS_ATTR).partner_refresh_steps is not None for router in routers):
+        refresh_partners(model)
+
+
+@contextlib.contextmanager
+def gatepro_settings(model: nn.Module, **changes) -> Iterator[None]:
+    """Apply ``set_gatepro(model, **changes)`` inside the block, and restore the settings after."""
+    routers = gatepro_routers(model)
+    saved = [router.__dict__.get(SETTINGS_ATTR) for router in routers]
+    set_gatepro(model, **changes)
+    try:
+        yield
+    finally:
+        for router, previous in zip(routers, saved):
+            if previous is None:
+                router.__dict__.pop(SETTINGS_ATTR, None)
+            else:
+                setattr(router, SETTINGS_ATTR, previous)
+
+
+@torch.no_grad()
+def refresh_partners(model: nn.Module, step: int | None = None) -> bool:
+    """Recompute the cached partner tables of ``model``'s routers that cache them.
+
+    Call once per optimizer step with the step number; a router with
+    ``partner_refresh_steps = k`` recomputes at steps divisible by k (always when ``step`` is
+    None). Returns whether any table was recomputed.
+    """
+    refreshed = False
+    for router in gatepro_routers(model):
+        settings: GateProConfig = getattr(router, SETTINGS_ATTR)
+        interval = settings.partner_refresh_steps
+        if interval is None or (step is not None and step % interval != 0):
+            continue
+        partners = competition_partners(router_weight_matrix(router), settings.num_competitors)
+        cached = router.__dict__.get(PARTNERS_ATTR)
+        if cached is not None and cached.shape == partners.shape and cached.device == partners.device:
+            cached.copy_(partners)  # in place: a compiled graph keeps reading the same tensor
+        else:
+            router.__dict__[PARTNERS_ATTR] = partners
+        refreshed = True
+    return refreshed
+
+
+def set_instance_settings(router: nn.Module, settings: GateProConfig) -> None:
+    """Give ``router`` its own settings, overriding its class's; remembered for unpatching."""
+    setattr(router, SETTINGS_ATTR, settings)
+    _with_instance_state.add(router)
+
+
+def routers_with_instance_state(router_class: type) -> list[nn.Module]:
+    """Live routers of ``router_class`` that carry GatePro instance attributes."""
+    return [router for router in _with_instance_state if isinstance(router, router_class)]
+
+
+def strip_instance_state(router: nn.Module, *names: str) -> None:
+    """Remove GatePro's instance attributes (and ``names``) from ``router``."""
+    for name in (SETTINGS_ATTR, PARTNERS_ATTR, *names):
+        router.__dict__.pop(name, None)
+    _with_instance_state.discard(router)
