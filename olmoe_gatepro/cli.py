@@ -5,6 +5,7 @@ import dataclasses
 import sys
 
 from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
 
 
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(smoke, TinyRunConfig, "")
     _add_dataclass_flags(smoke, GateProConfig, "gatepro-")
     smoke.add_argument("--out", default="runs/smoke", help="folder for tiny_comparison.json")
+    study = commands.add_parser(
+        "study",
+        help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing",
+    )
+    study.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    study.add_argument(
+        "--out", default=None, help="report folder (default runs/study-<preset>); rerun to resume"
+    )
     return parser
 
 
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(f"bad --gatepro-* flag: {error}")
         compare_tiny(tiny, gatepro, out_dir=args.out)
+    elif args.command == "study":
+        run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}")
     return 0
 
 

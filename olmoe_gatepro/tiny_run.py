@@ -24,6 +24,7 @@ from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
 
 __all__ = ["TinyRunConfig", "corpus_tokens", "build_tiny_olmoe", "train_tiny", "compare_tiny"]
 
+HELD_OUT_SEED = 1234  # the held-out batch is the same for every run and seed
 CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
 LAYER_METRICS = (
     "avg_cosine_similarity",
@@ -112,14 +113,21 @@ class _RouterRecorder:
         return record
 
 
-def _layer_metrics(router: nn.Module, recorded_input, chosen, penalty: float) -> dict[str, float]:
+def _layer_metrics(router: nn.Module, recorded_input, chosen, gatepro: GateProConfig) -> dict[str, float]:
     weight = router.weight.detach()
     raw_logits = torch.nn.functional.linear(recorded_input, weight)
     return {
         **metrics.router_weight_metrics(weight),
         "zero_token_count": metrics.zero_token_count(chosen, router.num_experts),
         "load_imbalance": metrics.load_imbalance(chosen, router.num_experts),
-        "flip_rate": metrics.flip_rate(raw_logits, weight, router.top_k, penalty),
+        "flip_rate": metrics.flip_rate(
+            raw_logits,
+            weight,
+            router.top_k,
+            gatepro.penalty,
+            num_competitors=gatepro.num_competitors,
+            hard=gatepro.hard,
+        ),
     }
 
 
@@ -128,8 +136,8 @@ def train_tiny(
 ) -> list[dict]:
     """Train one tiny OLMoE; return a record per logged step with loss and per-layer metrics.
 
-    ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro at
-    ``gatepro.penalty`` would change in the baseline's routing.
+    ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
+    other settings of ``gatepro`` would change in the baseline's routing.
     """
     model = build_tiny_olmoe(config)
     patch_transformers(model=model, config=gatepro)
@@ -138,7 +146,7 @@ def train_tiny(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95))
     split = int(tokens.numel() * 0.9)
     train_batches = _batches(tokens[:split], config)
-    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=config.seed + 1))[0]
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
     records = []
     model.train()
     for step in range(1, config.steps + 1):
@@ -157,7 +165,7 @@ def train_tiny(
                     input_ids=held_out[:, :-1], labels=held_out[:, 1:].contiguous()
                 ).loss.item()
             layers = [
-                _layer_metrics(router, recorder.inputs[i], recorder.chosen[i], gatepro.penalty)
+                _layer_metrics(router, recorder.inputs[i], recorder.chosen[i], gatepro)
                 for i, router in enumerate(routers)
             ]
             records.append(

@@ -1,0 +1,81 @@
+"""Figure 4/5-style PNG plots of routing metrics over training, runs on the same axes.
+
+A run is a dict with ``setting``, ``lb_loss_weight`` and ``records`` (as ``tiny_run.train_tiny``
+returns them); runs that share setting and LBL weight are averaged over seeds.
+"""
+
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_zero_token_curves", "plot_diversity_curves"]
+
+DIVERSITY_METRICS = (
+    ("avg_cosine_similarity", "average cosine similarity"),
+    ("avg_angle_deg", "average angle (degrees)"),
+    ("spectral_entropy", "spectral entropy"),
+)
+
+
+def _mean_curves(runs: list[dict], metric: str, layer: int) -> dict[tuple[str, float], tuple[list, list]]:
+    grouped: dict[tuple[str, float], list[list[dict]]] = {}
+    for run in runs:
+        grouped.setdefault((run["setting"], run["lb_loss_weight"]), []).append(run["records"])
+    curves = {}
+    for key, seeds in grouped.items():
+        steps = [record["step"] for record in seeds[0]]
+        values = [
+            statistics.fmean(records[i]["layers"][layer][metric] for records in seeds)
+            for i in range(len(steps))
+        ]
+        curves[key] = (steps, values)
+    return curves
+
+
+def _label(setting: str, lbl: float) -> str:
+    return f"{setting}, LBL {lbl:g}" if lbl else f"{setting}, no LBL"
+
+
+def _save(figure, path: str) -> None:
+    partial = f"{path}.partial.png"
+    figure.savefig(partial, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(partial, path)
+
+
+def plot_zero_token_curves(runs: list[dict], path: str) -> None:
+    """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
+    num_layers = len(runs[0]["records"][0]["layers"])
+    figure, axes = plt.subplots(1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False)
+    for layer, axis in enumerate(axes[0]):
+        for (setting, lbl), (steps, values) in _mean_curves(runs, "zero_token_count", layer).items():
+            axis.plot(steps, values, linestyle="-" if lbl else "--", label=_label(setting, lbl))
+        axis.set_title(f"layer {layer}")
+        axis.set_xlabel("step")
+        axis.set_ylabel("experts with no token")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    figure.suptitle("Zero-token count (mean over seeds)")
+    _save(figure, path)
+
+
+def plot_diversity_curves(runs: list[dict], path: str) -> None:
+    """Cosine similarity, angle and spectral entropy over steps, first and last layer (Figure 5)."""
+    num_layers = len(runs[0]["records"][0]["layers"])
+    layers = sorted({0, num_layers - 1})
+    figure, axes = plt.subplots(
+        len(layers), len(DIVERSITY_METRICS), figsize=(13, 3.4 * len(layers)), squeeze=False
+    )
+    for row, layer in enumerate(layers):
+        for column, (metric, title) in enumerate(DIVERSITY_METRICS):
+            axis = axes[row][column]
+            for (setting, lbl), (steps, values) in _mean_curves(runs, metric, layer).items():
+                axis.plot(steps, values, linestyle="-" if lbl else "--", label=_label(setting, lbl))
+            axis.set_title(f"layer {layer}: {title}")
+            axis.set_xlabel("step")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    figure.suptitle("Gate similarity (mean over seeds)")
+    _save(figure, path)

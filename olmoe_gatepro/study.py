@@ -1,0 +1,242 @@
+"""Does GatePro change routing, and at which lambda? Tiny OLMoEs that differ only in GatePro.
+
+Every run of a study starts from the same initial weights and sees the same batches for a
+seed; settings differ only in GatePro (off, lambda, top-m competitors, hard competition) and
+in whether the load-balancing loss is on. Each run logs, per layer and every ``log_every``
+steps, the metrics of ``tiny_run.LAYER_METRICS`` and the training and held-out loss. The
+report folder holds ``records.jsonl`` (one line per finished run, appended atomically, so an
+interrupted study resumes where it stopped), ``summary.csv``/``summary.md`` (final values,
+mean and standard deviation over seeds) and Figure 4/5-style PNG plots.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.tiny_run import LAYER_METRICS, TinyRunConfig, corpus_tokens, train_tiny
+
+__all__ = ["StudySetting", "PRESETS", "run_study", "summarise", "activation_step"]
+
+
+@dataclass(frozen=True)
+class StudySetting:
+    """One GatePro setting of a study, named for tables and plots."""
+
+    name: str
+    gatepro: GateProConfig
+
+
+def _lambda_name(penalty: float) -> str:
+    return f"lambda={penalty:g}"
+
+
+PAPER_GRID = (
+    StudySetting("off", GateProConfig(enabled=False)),
+    *(StudySetting(_lambda_name(p), GateProConfig(penalty=p)) for p in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+    StudySetting("top-2, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=2)),
+    StudySetting("top-4, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=4)),
+    StudySetting("hard", GateProConfig(hard=True)),
+)
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """What a study trains: the model and run, the settings, the seeds and the LBL weights."""
+
+    run: TinyRunConfig
+    settings: tuple[StudySetting, ...]
+    seeds: tuple[int, ...]
+    lb_loss_weights: tuple[float, ...]
+
+
+PRESETS = {
+    # About 15 minutes on a 2-core CPU: 9 settings x 2 LBL weights x 3 seeds = 54 runs.
+    "cpu": StudyPreset(
+        run=TinyRunConfig(
+            steps=200, batch_size=8, seq_len=128, num_layers=4, num_experts=32, top_k=4, log_every=10
+        ),
+        settings=PAPER_GRID,
+        seeds=(0, 1, 2),
+        lb_loss_weights=(0.01, 0.0),
+    ),
+    # For tests: two settings, a few steps.
+    "minimal": StudyPreset(
+        run=TinyRunConfig(
+            steps=4, batch_size=2, seq_len=32, num_layers=2, num_experts=8, top_k=2, log_every=2
+        ),
+        settings=(PAPER_GRID[0], StudySetting(_lambda_name(0.1), GateProConfig(penalty=0.1))),
+        seeds=(0,),
+        lb_loss_weights=(0.01,),
+    ),
+}
+
+
+def _run_key(setting: str, lb_loss_weight: float, seed: int) -> str:
+    return f"{setting} | lbl={lb_loss_weight:g} | seed={seed}"
+
+
+def _finished_runs(path: str) -> dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    finished = {}
+    with open(path) as file:
+        for line in file:
+            if line.endswith("\n"):  # a line cut short by a crash is ignored and rerun
+                record = json.loads(line)
+                finished[record["key"]] = record
+    return finished
+
+
+def _append_line(path: str, record: dict) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def activation_step(records: list[dict]) -> int | None:
+    """First logged step at which no layer has an unused expert; None when never reached."""
+    for record in records:
+        if all(layer["zero_token_count"] == 0 for layer in record["layers"]):
+            return record["step"]
+    return None
+
+
+def run_study(preset: StudyPreset, out_dir: str, echo=print) -> list[dict]:
+    """Train every (setting, LBL weight, seed) not already in ``out_dir``; write the report."""
+    os.makedirs(out_dir, exist_ok=True)
+    records_path = os.path.join(out_dir, "records.jsonl")
+    _write_text_atomically(
+        os.path.join(out_dir, "preset.json"), json.dumps(_preset_dict(preset), indent=2)
+    )
+    finished = _finished_runs(records_path)
+    tokens = corpus_tokens()
+    plan = [
+        (setting, lbl, seed)
+        for lbl in preset.lb_loss_weights
+        for setting in preset.settings
+        for seed in preset.seeds
+    ]
+    started = time.monotonic()
+    for index, (setting, lbl, seed) in enumerate(plan, start=1):
+        key = _run_key(setting.name, lbl, seed)
+        if key in finished:
+            continue
+        run = dataclasses.replace(preset.run, seed=seed, router_aux_loss_coef=lbl)
+        records = train_tiny(run, setting.gatepro, tokens)
+        result = {
+            "key": key,
+            "setting": setting.name,
+            "gatepro": dataclasses.asdict(setting.gatepro),
+            "lb_loss_weight": lbl,
+            "seed": seed,
+            "records": records,
+        }
+        _append_line(records_path, result)
+        finished[key] = result
+        elapsed = time.monotonic() - started
+        echo(f"[{index}/{len(plan)}] {key}: held-out loss {records[-1]['held_out_loss']:.4f} ({elapsed:.0f} s)")
+    results = [finished[_run_key(s.name, lbl, seed)] for s, lbl, seed in plan]
+    write_report(results, out_dir)
+    echo(f"report in {out_dir}")
+    return results
+
+
+def _preset_dict(preset: StudyPreset) -> dict:
+    return {
+        "run": dataclasses.asdict(preset.run),
+        "settings": [{"name": s.name, "gatepro": dataclasses.asdict(s.gatepro)} for s in preset.settings],
+        "seeds": list(preset.seeds),
+        "lb_loss_weights": list(preset.lb_loss_weights),
+    }
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+SUMMARY_COLUMNS = (
+    "flip_rate",
+    "zero_token_count",
+    "load_imbalance",
+    "avg_cosine_similarity",
+    "avg_angle_deg",
+    "spectral_entropy",
+    "loss",
+    "held_out_loss",
+    "activation_step",
+)
+
+
+def _final_values(result: dict) -> dict[str, float]:
+    """A run's final values: layer metrics averaged over layers, losses, activation step."""
+    final = result["records"][-1]
+    values = {key: statistics.fmean(layer[key] for layer in final["layers"]) for key in LAYER_METRICS}
+    values["loss"] = final["loss"]
+    values["held_out_loss"] = final["held_out_loss"]
+    step = activation_step(result["records"])
+    values["activation_step"] = math.nan if step is None else step
+    return values
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per (setting, LBL weight): mean, std and seed count of each summary column."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for result in results:
+        groups.setdefault((result["setting"], result["lb_loss_weight"]), []).append(_final_values(result))
+    rows = []
+    for (setting, lbl), finals in groups.items():
+        row = {"setting": setting, "lb_loss_weight": lbl, "seeds": len(finals)}
+        for column in SUMMARY_COLUMNS:
+            values = [final[column] for final in finals]
+            reached = [v for v in values if not math.isnan(v)]
+            row[f"{column}_mean"] = statistics.fmean(reached) if reached else math.nan
+            row[f"{column}_std"] = statistics.stdev(reached) if len(reached) > 1 else 0.0
+            if column == "activation_step":
+                row["activation_reached"] = len(reached)
+        rows.append(row)
+    return rows
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    header = ["setting", "LBL"] + list(SUMMARY_COLUMNS)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["setting"], f"{row['lb_loss_weight']:g}"]
+        for column in SUMMARY_COLUMNS:
+            mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+            if column == "activation_step":
+                cells.append(
+                    "never" if math.isnan(mean) else f"{mean:.0f} ± {std:.0f} ({row['activation_reached']}/{row['seeds']})"
+                )
+            else:
+                cells.append(f"{mean:.4g} ± {std:.2g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[dict], out_dir: str) -> None:
+    """summary.csv, summary.md and the plots, each written whole or not at all."""
+    rows = summarise(results)
+    partial = os.path.join(out_dir, "summary.csv.partial")
+    with open(partial, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, os.path.join(out_dir, "summary.csv"))
+    _write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
+    from olmoe_gatepro.plots import plot_diversity_curves, plot_zero_token_curves
+
+    plot_zero_token_curves(results, os.path.join(out_dir, "zero_token_count.png"))
+    plot_diversity_curves(results, os.path.join(out_dir, "diversity.png"))

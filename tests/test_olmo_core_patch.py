@@ -1,0 +1,164 @@
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from olmo_core.nn.moe.loss import MoELoadBalancingLossGranularity, load_balancing_loss, router_z_loss
+from olmo_core.nn.moe.router import MoELinearRouter
+from olmo_core.nn.moe.v2.router import MoERouterV2
+
+from olmoe_gatepro import patch_olmo_core, set_gatepro, unpatch
+from reference import reference_gatepro
+
+D_MODEL, EXPERTS, TOP_K = 16, 8, 2
+PENALTY = 0.3
+LB_WEIGHT, Z_WEIGHT = 0.01, 0.001
+
+
+@pytest.fixture(autouse=True)
+def always_unpatch():
+    unpatch()
+    yield
+    unpatch()
+
+
+def _router(seed=0, cls=MoELinearRouter):
+    torch.manual_seed(seed)
+    router = cls(d_model=D_MODEL, num_experts=EXPERTS, top_k=TOP_K, lb_loss_weight=LB_WEIGHT, z_loss_weight=Z_WEIGHT)
+    with torch.no_grad():  # a wider init than 0.02, so the penalty moves some choices
+        router.weight.normal_(0, 0.5)
+    return router.train()
+
+
+def _inputs(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 20, D_MODEL, generator=generator), torch.randn(3, 20, TOP_K, generator=generator)
+
+
+def _run(router, x, upstream):
+    x = x.clone().requires_grad_(True)
+    weights, indices, counts, aux_loss = router(x)
+    ((weights * upstream).sum() + aux_loss).backward()
+    return weights.detach(), indices, counts, aux_loss.detach(), x.grad, router.weight.grad.clone()
+
+
+def _reference(router, x, upstream, penalty):
+    """OLMoE routing from reference-penalised logits: softmax over all, top-k, both aux losses."""
+    weight = router.weight.detach().clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    logits = F.linear(x, weight.view(EXPERTS, D_MODEL))
+    delta = reference_gatepro(logits.detach(), weight.detach().view(EXPERTS, D_MODEL), penalty) - logits.detach()
+    penalised = logits + delta
+    scores = penalised.softmax(dim=-1)
+    weights, indices = scores.topk(TOP_K, dim=-1)
+    batched = torch.zeros(*indices.shape[:-1], EXPERTS, dtype=indices.dtype).scatter_add_(
+        -1, indices, torch.ones_like(indices)
+    ).sum(dim=1)
+    counts = batched.sum(dim=0)
+    lb = load_balancing_loss(
+        num_experts=EXPERTS, top_k=TOP_K, expert_scores=scores, batch_size_per_expert=counts,
+        batched_batch_size_per_expert=batched, granularity=MoELoadBalancingLossGranularity.local_batch,
+    )
+    aux = LB_WEIGHT * lb + Z_WEIGHT * router_z_loss(expert_logits=penalised)
+    ((weights * upstream).sum() + aux).backward()
+    return weights.detach(), indices, counts, aux.detach(), x.grad, weight.grad, logits
+
+
+def test_patched_router_matches_the_reference_routing_losses_and_gradients():
+    router = _router()
+    x, upstream = _inputs()
+    stock = _run(_router(), x, upstream)
+    patch_olmo_core(penalty=PENALTY)
+    got = _run(router, x, upstream)
+    expected = _reference(router, x, upstream, PENALTY)
+    assert torch.equal(got[1], expected[1])
+    assert torch.equal(got[2], expected[2])
+    for name, index in (("weights", 0), ("aux loss", 3), ("x grad", 4), ("weight grad", 5)):
+        torch.testing.assert_close(got[index], expected[index], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(got[1], stock[1]), "the penalty moved no choice: the test could not fail"
+
+
+def test_unpatch_restores_stock_results_exactly():
+    x, upstream = _inputs()
+    stock = _run(_router(), x, upstream)
+    patch_olmo_core(penalty=PENALTY)
+    patched = _run(_router(), x, upstream)
+    assert not torch.equal(patched[1], stock[1])
+    unpatch()
+    again = _run(_router(), x, upstream)
+    for a, b in zip(stock, again):
+        assert torch.equal(a, b)
+    assert "_gatepro" not in MoELinearRouter.__dict__
+
+
+def test_instance_patch_and_hot_swap():
+    x, upstream = _inputs()
+    stock = _run(_router(), x, upstream)
+    model = torch.nn.ModuleList([_router(), _router()])
+    patch_olmo_core(model=model, penalty=PENALTY)
+    expected = _reference(_router(), x, upstream, PENALTY)
+    assert torch.equal(_run(model[0], x, upstream)[1], expected[1])
+    assert torch.equal(_run(_router(), x, upstream)[1], stock[1])  # other routers untouched
+    set_gatepro(model, enabled=False)
+    assert torch.equal(_run(model[1], x, upstream)[1], stock[1])
+    unpatch()
+    assert not hasattr(model[0], "_gatepro") and "get_expert_logits" not in model[0].__dict__
+
+
+def test_v2_router_is_patched_too():
+    x, _ = _inputs()
+    router = _router(cls=MoERouterV2)
+    weights, indices, _, _ = router(x, False)
+    patch_olmo_core(penalty=PENALTY)
+    got_weights, got_indices, _, aux_info = router(x, False)
+    logits = F.linear(x, router.weight.detach().view(EXPERTS, D_MODEL))
+    penalised = reference_gatepro(logits, router.weight.detach().view(EXPERTS, D_MODEL), PENALTY)
+    assert torch.equal(got_indices, penalised.softmax(-1).topk(TOP_K, -1).indices)
+    torch.testing.assert_close(aux_info[1], penalised)  # what its aux losses see
+    assert not torch.equal(got_indices, indices)
+
+
+def test_patch_adds_no_graph_break():
+    router = _router().eval()
+    x, _ = _inputs()
+    stock_breaks = torch._dynamo.explain(router)(x).graph_break_count
+    patch_olmo_core(penalty=PENALTY)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(router)(x)
+    assert explanation.graph_break_count == stock_breaks == 0
+    compiled = torch.compile(router, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(x), router(x)):
+        if got is not None:
+            torch.testing.assert_close(got, expected)
+
+
+def test_state_dict_keys_unchanged_and_cached_partners():
+    router = _router()
+    keys = set(router.state_dict())
+    model = torch.nn.ModuleList([router])
+    patch_olmo_core(model=model, penalty=PENALTY, partner_refresh_steps=3)
+    assert set(router.state_dict()) == keys
+    x, upstream = _inputs()
+    expected = _reference(router, x, upstream, PENALTY)
+    assert torch.equal(_run(router, x, upstream)[1], expected[1])
+
+
+def test_unsupported_olmo_core_version_fails_clearly(monkeypatch):
+    monkeypatch.setattr(sys.modules["olmo_core.version"], "VERSION", "2.9.0")
+    with pytest.raises(RuntimeError, match=r"ai2-olmo-core >=3.0,<3.1; installed is 2.9.0"):
+        patch_olmo_core()
+
+
+def test_fsdp_sharded_router_routes_exactly_as_unsharded(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("fsdp_router_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "rank 0: sharded routing equals unsharded" in result.stdout
+    assert "rank 1: sharded routing equals unsharded" in result.stdout
