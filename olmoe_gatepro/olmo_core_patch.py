@@ -97,6 +97,7 @@ def patch_olmo_core(
     Calling it again only updates the settings.
     """
     gatepro = (config or GateProConfig()).replace(**settings)
+    _check_version()
     classes = router_classes or olmo_core_router_classes()
     if model is None:
         for router_class in classes:

@@ -1,0 +1,133 @@
+"""Zero-code activation: GatePro in unmodified scripts, switched on by environment variables.
+
+The package installs ``olmoe_gatepro_env.pth`` into site-packages. At interpreter start, when
+``OLMOE_GATEPRO`` is 1/true/on, it calls ``install_import_hooks()``, which patches each router
+module right after it is first imported: OLMo-core's ``olmo_core.nn.moe.router`` and
+``olmo_core.nn.moe.v2.router``, and transformers' ``modeling_olmoe``. Every process started
+with that environment (all ``torchrun`` workers included) is covered.
+
+| variable | meaning | default |
+| --- | --- | --- |
+| ``OLMOE_GATEPRO`` | 1/true/on: route with GatePro; unset or 0/false/off: stock | unset |
+| ``OLMOE_GATEPRO_PENALTY`` | lambda | 1e-4 |
+| ``OLMOE_GATEPRO_NUM_COMPETITORS`` | m, competitors per expert | 1 |
+| ``OLMOE_GATEPRO_HARD`` | 1/true: losers are never chosen | 0 |
+
+A bad value makes the import of the router module fail with an error naming the variable,
+so a typo cannot silently train the baseline.
+"""
+
+import importlib.abc
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+from olmoe_gatepro.config import GateProConfig
+
+__all__ = ["config_from_env", "install_import_hooks", "PATCH_TARGETS"]
+
+SWITCH = "OLMOE_GATEPRO"
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("", "0", "false", "off", "no")
+_SETTINGS = {
+    "OLMOE_GATEPRO_PENALTY": ("penalty", float),
+    "OLMOE_GATEPRO_NUM_COMPETITORS": ("num_competitors", int),
+    "OLMOE_GATEPRO_HARD": ("hard", bool),
+}
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={text!r}: expected one of 1/true/on or 0/false/off")
+
+
+def config_from_env(environ: Mapping[str, str] = os.environ) -> GateProConfig | None:
+    """The GatePro settings the environment asks for, or None when ``OLMOE_GATEPRO`` is off."""
+    if not _parse_bool(SWITCH, environ.get(SWITCH, "")):
+        return None
+    settings = {}
+    for variable, (field, kind) in _SETTINGS.items():
+        if variable not in environ:
+            continue
+        text = environ[variable]
+        if kind is bool:
+            settings[field] = _parse_bool(variable, text)
+            continue
+        try:
+            settings[field] = kind(text)
+        except ValueError:
+            raise ValueError(f"environment variable {variable}={text!r} is not a valid {kind.__name__}") from None
+    try:
+        return GateProConfig(**settings)
+    except ValueError as error:
+        raise ValueError(f"GatePro environment variables: {error}") from None
+
+
+def _patch_olmo_core_module(module) -> None:
+    from olmoe_gatepro.olmo_core_patch import patch_olmo_core
+
+    classes = [getattr(module, name) for name in ("MoELinearRouter", "MoERouterV2") if hasattr(module, name)]
+    patch_olmo_core(config=config_from_env(), router_classes=classes)
+
+
+def _patch_transformers_module(module) -> None:
+    from olmoe_gatepro.transformers_patch import patch_transformers
+
+    patch_transformers(config=config_from_env())
+
+
+PATCH_TARGETS: dict[str, Callable] = {
+    "olmo_core.nn.moe.router": _patch_olmo_core_module,
+    "olmo_core.nn.moe.v2.router": _patch_olmo_core_module,
+    "transformers.models.olmoe.modeling_olmoe": _patch_transformers_module,
+}
+
+
+class _PatchAfterExec(importlib.abc.Loader):
+    """Delegates to the real loader, then runs ``callback(module)``."""
+
+    def __init__(self, loader, callback):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... for inspect and tracebacks
+        return getattr(self._loader, name)
+
+
+class _GateProImportHook(importlib.abc.MetaPathFinder):
+    """Finds the target modules with the other finders and wraps their loaders."""
+
+    def find_spec(self, fullname, path, target=None):
+        callback = PATCH_TARGETS.get(fullname)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchAfterExec(spec.loader, callback)
+        return spec
+
+
+def install_import_hooks() -> None:
+    """Patch the target modules when first imported (now, for those already imported). Idempotent."""
+    if any(isinstance(finder, _GateProImportHook) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _GateProImportHook())
+    for name, callback in PATCH_TARGETS.items():
+        if name in sys.modules:
+            callback(sys.modules[name])
