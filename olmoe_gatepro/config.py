@@ -1,10 +1,23 @@
-"""GatePro settings: one frozen, validated dataclass shared by every integration."""
+"""Config schema: GatePro's router settings, and training runs read strictly from YAML."""
 
 import dataclasses
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass
 
-__all__ = ["GateProConfig"]
+__all__ = [
+    "GateProConfig",
+    "GateProRunConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "DataConfig",
+    "RunConfig",
+    "ConfigError",
+    "load_run_config",
+]
 
 
 @dataclass(frozen=True)
@@ -54,3 +67,307 @@ class GateProConfig:
         if unknown:
             raise ValueError(f"unknown GatePro setting(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A config file, key or override that cannot be used; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class GateProRunConfig(GateProConfig):
+    """The ``gatepro:`` block of a training config: router settings plus the hot-swap schedule.
+
+    Attributes:
+        enabled: master switch; False trains the baseline whatever the schedule says.
+        on_from_tokens: GatePro is on once this many tokens have been trained on (paper: 0).
+        off_after_tokens: and off again from this many tokens on; None never switches it off
+            (the paper's Table 3 switches off at 100B, 200B, 300B or 400B of 500B).
+    """
+
+    enabled: bool = False
+    on_from_tokens: int = 0
+    off_after_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.on_from_tokens, bool) or not isinstance(self.on_from_tokens, int) or self.on_from_tokens < 0:
+            raise ValueError(f"on_from_tokens must be an int >= 0; got {self.on_from_tokens!r}")
+        off = self.off_after_tokens
+        if off is not None and (isinstance(off, bool) or not isinstance(off, int) or off <= self.on_from_tokens):
+            raise ValueError(
+                f"off_after_tokens must be None or an int > on_from_tokens ({self.on_from_tokens}); got {off!r}"
+            )
+
+    def active_at(self, tokens_seen: int) -> bool:
+        """Whether GatePro routes the step that starts after ``tokens_seen`` tokens."""
+        if not self.enabled or tokens_seen < self.on_from_tokens:
+            return False
+        return self.off_after_tokens is None or tokens_seen < self.off_after_tokens
+
+    def router_config(self, tokens_seen: int) -> GateProConfig:
+        """The per-router settings for the step that starts after ``tokens_seen`` tokens."""
+        return GateProConfig(
+            enabled=self.active_at(tokens_seen),
+            penalty=self.penalty,
+            num_competitors=self.num_competitors,
+            hard=self.hard,
+            partner_refresh_steps=self.partner_refresh_steps,
+        )
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An OLMoE model; the defaults are OLMoE-1B-7B (6.9B total, 1.3B active parameters)."""
+
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    num_experts: int = 64
+    top_k: int = 8
+    expert_hidden_size: int = 1024
+    vocab_size: int = 50280  # the tokenizer's; the embedding is padded to embedding_size
+    embedding_size: int = 50304
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    rope_theta: int = 10_000
+    qk_norm: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size", "vocab_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        _check(self.num_experts >= 2, f"num_experts must be >= 2 for GatePro; got {self.num_experts}")
+        _check(self.top_k <= self.num_experts, f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        _check(self.d_model % self.n_heads == 0, f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _check(self.embedding_size >= self.vocab_size,
+               f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+        for name in ("lb_loss_weight", "z_loss_weight"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, in tokens."""
+
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    warmup_tokens: int = 8_388_608_000
+    final_lr_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        _check(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1); got {self.betas}")
+        _check(self.eps > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
+               f"eps and grad_clip must be > 0 and weight_decay >= 0; got {self.eps}, {self.grad_clip}, {self.weight_decay}")
+        _check(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0; got {self.warmup_tokens}")
+        _check(0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must lie in [0, 1]; got {self.final_lr_fraction}")
+
+
+PRECISIONS = ("bf16", "fp32")
+SHARDINGS = ("fsdp", "hsdp", "ddp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Duration, batch, precision, sharding and checkpointing of a run."""
+
+    max_tokens: int = 400_000_000_000
+    sequence_length: int = 4096
+    global_batch_sequences: int = 1024
+    micro_batch_sequences: int = 8
+    precision: str = "bf16"
+    sharding: str = "fsdp"
+    hsdp_shard_degree: int | None = None
+    compile: bool = True
+    seed: int = 6198
+    save_folder: str = "runs/olmoe-1b-7b"
+    checkpoint_interval_steps: int = 5000
+    metrics_interval_steps: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "sequence_length", "global_batch_sequences", "micro_batch_sequences",
+                     "checkpoint_interval_steps", "metrics_interval_steps"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        _check(self.global_batch_sequences % self.micro_batch_sequences == 0,
+               f"global_batch_sequences ({self.global_batch_sequences}) must be a multiple of "
+               f"micro_batch_sequences ({self.micro_batch_sequences})")
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+        _check(self.sharding in SHARDINGS, f"sharding must be one of {SHARDINGS}; got {self.sharding!r}")
+        _check((self.hsdp_shard_degree is not None) == (self.sharding == "hsdp"),
+               f"hsdp_shard_degree is needed with sharding 'hsdp' and only then; got {self.hsdp_shard_degree!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_sequences * self.sequence_length
+
+    @property
+    def max_steps(self) -> int:
+        return -(-self.max_tokens // self.tokens_per_step)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Token ``.npy`` files (OLMo-core's format): local paths, globs or URLs (s3://, gs://, https://)."""
+
+    paths: tuple[str, ...] = ()
+    token_dtype: str = "uint16"
+    eos_token_id: int = 0
+    pad_token_id: int = 1
+    tokenizer: str = "allenai/gpt-neox-olmo-dolma-v1_5"
+
+    def __post_init__(self) -> None:
+        _check(self.token_dtype in ("uint16", "uint32"), f"token_dtype must be uint16 or uint32; got {self.token_dtype!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run, as a YAML file under ``configs/`` describes it."""
+
+    name: str
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    gatepro: GateProRunConfig = dataclasses.field(default_factory=GateProRunConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.gatepro.num_competitors < self.model.num_experts,
+               f"gatepro.num_competitors ({self.gatepro.num_competitors}) must be < model.num_experts "
+               f"({self.model.num_experts})")
+        _check(self.data.token_dtype == "uint32" or self.model.embedding_size <= 65536,
+               f"data.token_dtype uint16 cannot hold token ids of embedding_size {self.model.embedding_size}")
+
+
+def _coerce(kind, value, where: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return _from_mapping(kind, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value)))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"no coercion for {kind} at {where}")
+
+
+def _from_mapping(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        key = f"{where}.{unknown[0]}".lstrip(".")
+        raise ConfigError(f"unknown key {key!r}; known keys here: {', '.join(known)}")
+    values = {name: _coerce(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:  # TypeError: a required key is missing
+        raise ConfigError(f"{where or 'top level'}: {error}") from None
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as file:
+            data = yaml.safe_load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
+    inherit = data.pop("inherit", None)
+    if inherit is None:
+        return data
+    base = _read_yaml(os.path.join(os.path.dirname(path), inherit))
+    return _merge(base, data)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(data: dict, override: str) -> None:
+    import yaml
+
+    key, sep, text = override.removeprefix("--").partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected --section.key=value")
+    cls, node = RunConfig, data
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"override --{key}={text}: unknown key {'.'.join(parts[: depth + 1])!r}")
+        if depth == len(parts) - 1:
+            node[part] = yaml.safe_load(text)
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"override --{key}: {part!r} is not a section")
+        node = node.setdefault(part, {})
+
+
+def load_run_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a run config YAML strictly; ``overrides`` are ``--section.key=value`` strings (YAML values).
+
+    A file may start from another with ``inherit: other.yaml`` (relative to it) and override keys.
+    Every error is a ``ConfigError`` naming the file (or override) and the key.
+    """
+    data = _read_yaml(path)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return _from_mapping(RunConfig, data, "")
+    except ConfigError as error:
+        source = f"{path} with overrides {list(overrides)}" if overrides else path
+        raise ConfigError(f"{source}: {error}") from None

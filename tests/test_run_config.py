@@ -1,0 +1,106 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from olmoe_gatepro.config import ConfigError, GateProRunConfig, load_run_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path):
+    config = load_run_config(str(path))
+    assert config.name and config.train.max_steps >= 1
+
+
+def test_baseline_and_gatepro_differ_only_in_the_gatepro_block():
+    baseline = load_run_config(str(CONFIGS / "olmoe-1b-7b/baseline.yaml"))
+    gatepro = load_run_config(str(CONFIGS / "olmoe-1b-7b/gatepro.yaml"))
+    for section in ("model", "optim", "data"):
+        assert getattr(baseline, section) == getattr(gatepro, section)
+    assert dataclasses.replace(baseline.train, save_folder="") == dataclasses.replace(gatepro.train, save_folder="")
+    assert not baseline.gatepro.enabled and gatepro.gatepro.enabled and gatepro.gatepro.penalty == 1e-4
+    assert baseline.train.tokens_per_step == 4_194_304 and baseline.train.max_tokens == 400 * 10**9
+
+
+def test_table3_schedules():
+    for billions in (100, 200, 300, 400):
+        config = load_run_config(str(CONFIGS / f"olmoe-1b-7b/table3/gatepro-{billions}b-then-off.yaml"))
+        schedule = config.gatepro
+        assert config.train.max_tokens == 500 * 10**9
+        assert schedule.active_at(0) and schedule.active_at(billions * 10**9 - 1)
+        assert not schedule.active_at(billions * 10**9)
+
+
+def test_schedule_boundaries():
+    schedule = GateProRunConfig(enabled=True, on_from_tokens=100, off_after_tokens=300)
+    assert [schedule.active_at(t) for t in (0, 99, 100, 299, 300, 10**9)] == [False, False, True, True, False, False]
+    assert schedule.router_config(150).enabled and not schedule.router_config(300).enabled
+    assert not GateProRunConfig(enabled=False).active_at(50)
+
+
+def test_full_size_model_from_yaml_matches_olmoe_1b_7b_parameter_counts():
+    from olmoe_gatepro.olmo_core_train import build_transformer_config
+
+    model_config = build_transformer_config(load_run_config(str(CONFIGS / "olmoe-1b-7b/gatepro.yaml")).model)
+    model = model_config.build(init_device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    assert total == model_config.num_params
+    assert round(total / 1e9, 1) == 6.9  # published: 6.9B total
+    assert round(model_config.num_active_params / 1e9, 1) == 1.3  # published: 1.3B active
+    routers = [m for m in model.modules() if type(m).__name__ == "MoELinearRouter"]
+    assert len(routers) == 16 and routers[0].num_experts == 64 and routers[0].top_k == 8
+
+
+def _write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nmodel: {d_modle: 8}\n", "unknown key 'model.d_modle'"),
+        ("name: x\ntrain: {max_tokens: many}\n", "train.max_tokens: expected an integer, got 'many'"),
+        ("name: x\ngatepro: {penalty: -1.0e-4}\n", "gatepro: .*penalty must be finite and >= 0; got -0.0001"),
+        ("name: x\nmodel: {num_experts: 4, top_k: 8}\n", "model: top_k \\(8\\) must be <= num_experts \\(4\\)"),
+        ("name: x\ngatepro: {on_from_tokens: 100, off_after_tokens: 50}\n", "gatepro: off_after_tokens must be .* > on_from_tokens \\(100\\); got 50"),
+        ("name: x\ngatepro: {enabled: yes please}\n", "gatepro.enabled: expected true or false"),
+        ("name: x\noptim: {betas: [0.9]}\n", "optim.betas: expected 2 items"),
+        ("name: x\ntrain: {precision: fp8}\n", "precision must be one of"),
+        ("model: {}\n", "top level: .*name"),
+        ("name: x\nmodel: [1, 2]\n", "model: expected a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_config_errors_name_the_file_and_key(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_run_config(path)
+    assert str(error.value).startswith(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config .*nope.yaml"):
+        load_run_config(str(tmp_path / "nope.yaml"))
+
+
+def test_overrides_and_their_errors(tmp_path):
+    path = str(CONFIGS / "olmoe-1b-7b/gatepro.yaml")
+    config = load_run_config(path, ["--gatepro.penalty=1e-3", "--train.micro_batch_sequences=4", "--model.n_layers=2"])
+    assert (config.gatepro.penalty, config.train.micro_batch_sequences, config.model.n_layers) == (1e-3, 4, 2)
+    with pytest.raises(ConfigError, match="override --gatepro.penalti=1: unknown key 'gatepro.penalti'"):
+        load_run_config(path, ["--gatepro.penalti=1"])
+    with pytest.raises(ConfigError, match="with overrides .*gatepro: .*got -1.0"):
+        load_run_config(path, ["--gatepro.penalty=-1"])
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_run_config(path, ["--gatepro.penalty"])
+
+
+def test_inherit_merges_sections(tmp_path):
+    _write(tmp_path, "name: base\nmodel: {n_layers: 3, d_model: 64, n_heads: 4}\n", "base.yaml")
+    config = load_run_config(_write(tmp_path, "inherit: base.yaml\nname: child\nmodel: {n_layers: 5}\n"))
+    assert (config.name, config.model.n_layers, config.model.d_model) == ("child", 5, 64)
