@@ -20,8 +20,8 @@ from torch import nn
 from olmoe_gatepro.config import GateProConfig
 from olmoe_gatepro.router_state import (
     SETTINGS_ATTR,
-    penalised_logits,
     refresh_partners,
+    route,
     routers_with_instance_state,
     set_instance_settings,
     strip_instance_state,
@@ -59,10 +59,7 @@ def olmo_core_router_classes() -> list[type]:
 
 def _gatepro_expert_logits(stock):
     def get_expert_logits(self, x):
-        logits = stock(self, x)
-        if not getattr(self, SETTINGS_ATTR).enabled:
-            return logits
-        return penalised_logits(self, logits)
+        return route(self, stock(self, x))
 
     get_expert_logits.__wrapped__ = stock
     get_expert_logits.__doc__ = "Stock expert logits (float32), then the GatePro penalty."

@@ -27,6 +27,9 @@ __all__ = [
     "set_gatepro",
     "gatepro_settings",
     "refresh_partners",
+    "route",
+    "start_recording",
+    "stop_recording",
     "set_instance_settings",
     "strip_instance_state",
     "routers_with_instance_state",
@@ -34,6 +37,7 @@ __all__ = [
 
 SETTINGS_ATTR = "_gatepro"
 PARTNERS_ATTR = "_gatepro_partners"
+RECORD_ATTR = "_gatepro_record"
 _with_instance_state: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -64,6 +68,41 @@ def penalised_logits(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         num_competitors=settings.num_competitors,
         hard=settings.hard,
     )
+
+
+def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The logits the router should route with: penalised when its GatePro is enabled.
+
+    While a recording tensor is attached (``start_recording``), also accumulates, without any
+    host sync, tokens per chosen expert and how many tokens' top-k set the penalty changes.
+    """
+    settings: GateProConfig = getattr(router, SETTINGS_ATTR)
+    routed = penalised_logits(router, logits) if settings.enabled else logits
+    record = router.__dict__.get(RECORD_ATTR)
+    if record is not None:
+        _record_routing(router, record, logits.detach(), routed.detach(), settings.enabled)
+    return routed
+
+
+def _record_routing(router, record, logits, routed, enabled) -> None:
+    num_experts, top_k = record.numel() - 2, router.top_k
+    penalised = routed if enabled else penalised_logits(router, logits)
+    chosen = routed.topk(top_k, dim=-1).indices.reshape(-1, top_k)
+    plain_set = logits.topk(top_k, dim=-1).indices.reshape(-1, top_k).sort(dim=-1).values
+    penalised_set = penalised.topk(top_k, dim=-1).indices.reshape(-1, top_k).sort(dim=-1).values
+    record[:num_experts] += torch.bincount(chosen.reshape(-1), minlength=num_experts).to(record.dtype)
+    record[num_experts] += (plain_set != penalised_set).any(dim=-1).sum().to(record.dtype)
+    record[num_experts + 1] += chosen.shape[0]
+
+
+def start_recording(router: nn.Module) -> None:
+    """Attach a zeroed (N + 2,) float64 tally: tokens per expert, flipped tokens, tokens."""
+    router.__dict__[RECORD_ATTR] = torch.zeros(router.num_experts + 2, dtype=torch.float64, device=router.weight.device)
+
+
+def stop_recording(router: nn.Module) -> torch.Tensor | None:
+    """Detach and return the tally of ``start_recording`` (None if none was attached)."""
+    return router.__dict__.pop(RECORD_ATTR, None)
 
 
 def gatepro_routers(model: nn.Module) -> list[nn.Module]:
@@ -142,6 +181,6 @@ def routers_with_instance_state(router_class: type) -> list[nn.Module]:
 
 def strip_instance_state(router: nn.Module, *names: str) -> None:
     """Remove GatePro's instance attributes (and ``names``) from ``router``."""
-    for name in (SETTINGS_ATTR, PARTNERS_ATTR, *names):
+    for name in (SETTINGS_ATTR, PARTNERS_ATTR, RECORD_ATTR, *names):
         router.__dict__.pop(name, None)
     _with_instance_state.discard(router)

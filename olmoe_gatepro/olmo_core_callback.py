@@ -1,0 +1,140 @@
+"""An OLMo-core trainer callback: GatePro's hot-swap schedule and its routing metrics.
+
+``GateProCallback`` patches the trained model's routers when training starts and, before every
+step, sets GatePro on or off from the number of tokens trained on before that step, so a run
+resumed from a checkpoint is in exactly the state an uninterrupted one would be. Every
+``metrics_interval`` steps it records, per MoE layer, zero-token count, load imbalance, GatePro
+flip rate (all over the whole global batch of that step) and the gate similarity metrics, via
+``trainer.record_metric`` (so console, W&B and Comet callbacks get them) and as one JSON line in
+``<save_folder>/gatepro_metrics.jsonl``.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from olmo_core.train.callbacks import Callback
+
+from olmoe_gatepro import metrics
+from olmoe_gatepro.config import GateProRunConfig
+from olmoe_gatepro.olmo_core_patch import patch_olmo_core
+from olmoe_gatepro.router_state import (
+    SETTINGS_ATTR,
+    gatepro_routers,
+    refresh_partners,
+    router_weight_matrix,
+    set_gatepro,
+    start_recording,
+    stop_recording,
+)
+
+__all__ = ["GateProCallback", "METRICS_FILE", "read_metrics_file"]
+
+METRICS_FILE = "gatepro_metrics.jsonl"
+
+
+def read_metrics_file(path: str) -> list[dict]:
+    """The complete lines of a metrics JSONL file; a line cut short by a crash is skipped."""
+    records = []
+    with open(path) as file:
+        for line in file:
+            if line.endswith("\n"):
+                records.append(json.loads(line))
+    return records
+
+
+@dataclass
+class GateProCallback(Callback):
+    """Apply ``gatepro``'s schedule to the trainer's model and record routing metrics."""
+
+    gatepro: GateProRunConfig = field(default_factory=GateProRunConfig)
+    metrics_interval: int = 100
+    metrics_file: str = METRICS_FILE
+
+    def __post_init__(self) -> None:
+        if self.metrics_interval < 1:
+            raise ValueError(f"metrics_interval must be >= 1; got {self.metrics_interval}")
+        self._recording = False
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        return self.trainer.train_module.model
+
+    @property
+    def _metrics_path(self) -> str:
+        return os.path.join(str(self.trainer.save_folder), self.metrics_file)
+
+    def pre_train(self) -> None:
+        tokens = self.trainer.global_train_tokens_seen
+        patch_olmo_core(model=self._model, config=self.gatepro.router_config(tokens))
+        if self._is_writer():
+            self._keep_lines_up_to(self.trainer.global_step)
+
+    def pre_step(self, batch) -> None:
+        batch_tokens = self.trainer.data_loader.global_num_tokens_in_batch(batch) or 0
+        tokens_before_step = self.trainer.global_train_tokens_seen - batch_tokens
+        wanted = self.gatepro.active_at(tokens_before_step)
+        routers = gatepro_routers(self._model)
+        if getattr(routers[0], SETTINGS_ATTR).enabled != wanted:
+            set_gatepro(self._model, enabled=wanted)
+        refresh_partners(self._model, self.trainer.global_step)
+        self._recording = self.trainer.global_step % self.metrics_interval == 0
+        if self._recording:
+            for router in routers:
+                start_recording(router)
+
+    def post_train_batch(self) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        layers = [self._layer_metrics(router) for router in gatepro_routers(self._model)]
+        for index, layer in enumerate(layers):
+            for name, value in layer.items():
+                self.trainer.record_metric(f"layer {index:02d}/{name}", value, namespace="gatepro")
+        if self._is_writer():
+            record = {
+                "step": self.trainer.global_step,
+                "tokens": self.trainer.global_train_tokens_seen,
+                "gatepro_active": getattr(gatepro_routers(self._model)[0], SETTINGS_ATTR).enabled,
+                "layers": layers,
+            }
+            self._append_line(record)
+
+    def _layer_metrics(self, router) -> dict:
+        tally = stop_recording(router)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tally)
+        num_experts = router.num_experts
+        counts, flipped, tokens = tally[:num_experts], tally[num_experts].item(), tally[num_experts + 1].item()
+        weight = router_weight_matrix(router)
+        return {
+            "zero_token_count": int((counts == 0).sum().item()),
+            "load_imbalance": (counts.max() / counts.mean()).item() if tokens else float("nan"),
+            "flip_rate": flipped / tokens if tokens else float("nan"),
+            **metrics.router_weight_metrics(weight),
+        }
+
+    def _is_writer(self) -> bool:
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+    def _append_line(self, record: dict) -> None:
+        os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
+        with open(self._metrics_path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def _keep_lines_up_to(self, step: int) -> None:
+        """On (re)start: drop a cut-short last line and lines of steps after the checkpoint."""
+        path = self._metrics_path
+        if not os.path.exists(path):
+            return
+        kept = [record for record in read_metrics_file(path) if record["step"] <= step]
+        partial = f"{path}.partial"
+        with open(partial, "w") as file:
+            file.writelines(json.dumps(record) + "\n" for record in kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
