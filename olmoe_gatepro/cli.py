@@ -2,9 +2,10 @@
 
 import argparse
 import dataclasses
+import json
 import sys
 
-from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
 from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
 
@@ -50,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing",
     )
     study.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    train = commands.add_parser(
+        "train",
+        help="train an OLMoE with OLMo-core from a YAML config (run under torchrun; GPUs needed)",
+        description="Overrides: any key as --section.key=value, e.g. --gatepro.penalty=1e-3.",
+    )
+    train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    prepare = commands.add_parser("prepare-data", help="tokenise local text files into OLMo-core token files")
+    prepare.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz (key 'text') or plain text files")
+    prepare.add_argument("--out", required=True, help="an empty folder for part-NNNNN.npy shards")
+    prepare.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a hub name")
+    prepare.add_argument("--eos-token-id", type=int, default=0)
+    prepare.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
+    prepare.add_argument("--tokens-per-file", type=int, default=100_000_000)
     study.add_argument(
         "--out", default=None, help="report folder (default runs/study-<preset>); rerun to resume"
     )
@@ -58,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "smoke":
         try:
             tiny = _dataclass_from_args(TinyRunConfig, args, "")
@@ -68,6 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         compare_tiny(tiny, gatepro, out_dir=args.out)
     elif args.command == "study":
         run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}")
+    elif args.command == "train":
+        return _train(args.config, unknown, args.dry_run, parser)
+    elif args.command == "prepare-data":
+        from olmoe_gatepro.data_prep import write_token_files
+
+        try:
+            paths = write_token_files(
+                args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file
+            )
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"wrote {len(paths)} token file(s) to {args.out}")
+    return 0
+
+
+def _train(config_path: str, overrides: list[str], dry_run: bool, parser) -> int:
+    bad = [item for item in overrides if not (item.startswith("--") and "=" in item)]
+    if bad:
+        parser.error(f"train: overrides take the form --section.key=value; got {bad}")
+    try:
+        run = load_run_config(config_path, overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    if dry_run:
+        print(json.dumps(dataclasses.asdict(run), indent=2))
+        return 0
+    from olmoe_gatepro.olmo_core_train import train
+
+    train(run)
     return 0
 
 

@@ -221,6 +221,7 @@ class DataConfig:
 
     paths: tuple[str, ...] = ()
     token_dtype: str = "uint16"
+    num_workers: int = 4
     eos_token_id: int = 0
     pad_token_id: int = 1
     tokenizer: str = "allenai/gpt-neox-olmo-dolma-v1_5"

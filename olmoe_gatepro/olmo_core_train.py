@@ -1,4 +1,4 @@
-"""OLMo-core objects from a ``RunConfig``: the model config (and, later, the trainer).
+"""OLMo-core objects from a ``RunConfig``: model, data, train module, trainer, and training.
 
 The model is ``TransformerConfig.olmoe_1B_7B`` with the sizes of ``RunConfig.model``, so
 everything the config does not name (reordered norm, SwiGLU experts, dropless MoE, qk-norm
@@ -6,10 +6,22 @@ placement, RMSNorm eps) stays OLMo-core's OLMoE recipe.
 """
 
 import dataclasses
+import os
+from typing import Any, NamedTuple
 
-from olmoe_gatepro.config import ModelConfig
+from olmoe_gatepro.config import ModelConfig, RunConfig
 
-__all__ = ["build_transformer_config"]
+__all__ = ["build_transformer_config", "build_train_components", "train", "TrainComponents"]
+
+
+class TrainComponents(NamedTuple):
+    """OLMo-core config objects of one run, each with its own ``build``."""
+
+    model: Any
+    train_module: Any
+    dataset: Any
+    data_loader: Any
+    trainer: Any
 
 
 def build_transformer_config(model: ModelConfig):
@@ -35,3 +47,85 @@ def build_transformer_config(model: ModelConfig):
     )
     config.init_std = model.init_std
     return config
+
+
+def build_train_components(run: RunConfig, work_dir: str | None = None) -> TrainComponents:
+    """The OLMo-core configs of a run; ``train`` builds and runs them."""
+    from olmo_core.config import DType
+    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+    from olmo_core.distributed.parallel import DataParallelType
+    from olmo_core.optim import AdamWConfig, CosWithWarmup, OptimGroupOverride
+    from olmo_core.train import Duration, TrainerConfig
+    from olmo_core.train.callbacks import CheckpointerCallback
+    from olmo_core.train.train_module import TransformerTrainModuleConfig
+    from olmo_core.train.train_module.transformer.config import TransformerDataParallelConfig
+
+    from olmoe_gatepro.olmo_core_callback import GateProCallback
+
+    train, optim = run.train, run.optim
+    work_dir = work_dir or os.path.join(train.save_folder, "work")
+    tokenizer = TokenizerConfig(
+        vocab_size=run.model.vocab_size, eos_token_id=run.data.eos_token_id, pad_token_id=run.data.pad_token_id
+    )
+    dataset = NumpyFSLDatasetConfig(
+        paths=list(run.data.paths),
+        expand_glob=any(ch in path for path in run.data.paths for ch in "*?["),
+        tokenizer=tokenizer,
+        sequence_length=train.sequence_length,
+        dtype=run.data.token_dtype,
+        work_dir=work_dir,
+    )
+    data_loader = NumpyDataLoaderConfig(
+        global_batch_size=train.tokens_per_step, seed=train.seed, num_workers=run.data.num_workers,
+        work_dir=work_dir,
+    )
+    bf16 = train.precision == "bf16"
+    data_parallel = TransformerDataParallelConfig(
+        name={"fsdp": DataParallelType.fsdp, "hsdp": DataParallelType.hsdp, "ddp": DataParallelType.ddp}[train.sharding],
+        param_dtype=DType.bfloat16 if bf16 and train.sharding != "ddp" else None,
+        reduce_dtype=DType.float32,
+        shard_degree=train.hsdp_shard_degree,
+    )
+    no_decay = [] if optim.decay_embeddings else [OptimGroupOverride(params=["embeddings.weight"], opts=dict(weight_decay=0.0))]
+    train_module = TransformerTrainModuleConfig(
+        rank_microbatch_size=train.micro_batch_sequences * train.sequence_length,
+        max_sequence_length=train.sequence_length,
+        optim=AdamWConfig(
+            lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+            group_overrides=no_decay or None,
+        ),
+        scheduler=CosWithWarmup(units="tokens", warmup=optim.warmup_tokens, alpha_f=optim.final_lr_fraction),
+        max_grad_norm=optim.grad_clip,
+        compile_model=train.compile,
+        dp_config=data_parallel,
+        autocast_precision=DType.bfloat16 if bf16 and train.sharding == "ddp" else None,
+    )
+    trainer = (
+        TrainerConfig(
+            save_folder=train.save_folder,
+            work_dir=work_dir,
+            max_duration=Duration.tokens(train.max_tokens),
+            metrics_collect_interval=min(10, train.metrics_interval_steps),
+        )
+        .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
+        .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
+    )
+    return TrainComponents(build_transformer_config(run.model), train_module, dataset, data_loader, trainer)
+
+
+def train(run: RunConfig) -> None:
+    """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``."""
+    from olmo_core.train import prepare_training_environment, teardown_training_environment
+    from olmo_core.utils import seed_all
+
+    prepare_training_environment(seed=run.train.seed)
+    try:
+        seed_all(run.train.seed)
+        parts = build_train_components(run)
+        model = parts.model.build(init_device="meta")
+        train_module = parts.train_module.build(model)
+        data_loader = parts.data_loader.build(parts.dataset.build(), dp_process_group=train_module.dp_process_group)
+        trainer = parts.trainer.build(train_module, data_loader)
+        trainer.fit()  # loads the latest checkpoint in save_folder first, if there is one
+    finally:
+        teardown_training_environment()

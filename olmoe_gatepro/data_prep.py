@@ -1,0 +1,99 @@
+"""Tokenise local text into OLMo-core's token files: raw little-endian arrays named ``*.npy``.
+
+Each document's token ids are followed by the EOS id, as in Dolma's pre-tokenised data that
+OLMo-core's ``NumpyFSLDataset`` reads. Inputs: ``.jsonl`` / ``.jsonl.gz`` files (one document
+per line, under the key ``text``) or any other file (one document per file). Shards are
+written to ``<name>.partial`` and renamed when complete, so an interrupted run leaves no
+half-written shard behind.
+"""
+
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+__all__ = ["load_tokenizer", "iter_documents", "write_token_files"]
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def load_tokenizer(name: str) -> Callable[[str], list[int]]:
+    """``bytes`` (UTF-8 bytes, ids 0-255), a ``tokenizer.json`` file, or a Hugging Face hub name."""
+    if name == "bytes":
+        return lambda text: list(text.encode("utf-8"))
+    if os.path.isfile(name):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(name)
+        return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def iter_documents(path: str) -> Iterator[str]:
+    """The documents of one input file (see the module docstring)."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}, line {number}: expected a JSON object with a 'text' key") from None
+        return
+    with open(path, encoding="utf-8") as file:
+        yield file.read()
+
+
+def write_token_files(
+    inputs: list[str],
+    out_dir: str,
+    tokenizer: str = "bytes",
+    eos_token_id: int = 0,
+    dtype: str = "uint16",
+    tokens_per_file: int = 100_000_000,
+) -> list[str]:
+    """Tokenise ``inputs`` into ``out_dir/part-NNNNN.npy`` shards; return their paths.
+
+    Refuses to write into a folder that already holds ``part-*.npy`` files.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    missing = [path for path in inputs if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"input file(s) not found: {missing}")
+    os.makedirs(out_dir, exist_ok=True)
+    existing = sorted(name for name in os.listdir(out_dir) if name.startswith("part-") and name.endswith(".npy"))
+    if existing:
+        raise ValueError(f"{out_dir} already holds token files ({existing[0]}, ...); choose an empty folder")
+    encode = load_tokenizer(tokenizer)
+    limit = np.iinfo(DTYPES[dtype]).max
+    written, buffer = [], []
+
+    def flush() -> None:
+        path = os.path.join(out_dir, f"part-{len(written):05d}.npy")
+        with open(f"{path}.partial", "wb") as file:
+            np.asarray(buffer, dtype=DTYPES[dtype]).tofile(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(f"{path}.partial", path)
+        written.append(path)
+        buffer.clear()
+
+    for path in inputs:
+        for document in iter_documents(path):
+            ids = encode(document) + [eos_token_id]
+            if max(ids) > limit:
+                raise ValueError(f"{path}: token id {max(ids)} does not fit dtype {dtype}; use uint32")
+            buffer.extend(ids)
+            if len(buffer) >= tokens_per_file:
+                flush()
+    if buffer:
+        flush()
+    return written
