@@ -120,6 +120,9 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+BLOCKS = ("moe", "moe_reordered_norm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """An OLMoE model; the defaults are OLMoE-1B-7B (6.9B total, 1.3B active parameters)."""
@@ -136,6 +139,7 @@ class ModelConfig:
     z_loss_weight: float = 0.001
     rope_theta: int = 10_000
     qk_norm: bool = True
+    block: str = "moe"  # pre-norm, as released OLMoE-1B-7B and HF OlmoeForCausalLM; or moe_reordered_norm
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -149,6 +153,7 @@ class ModelConfig:
         for name in ("lb_loss_weight", "z_loss_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
         _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std}")
+        _check(self.block in BLOCKS, f"block must be one of {BLOCKS}; got {self.block!r}")
 
 
 @dataclass(frozen=True)

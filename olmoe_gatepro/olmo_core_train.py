@@ -1,8 +1,11 @@
 """OLMo-core objects from a ``RunConfig``: model, data, train module, trainer, and training.
 
-The model is ``TransformerConfig.olmoe_1B_7B`` with the sizes of ``RunConfig.model``, so
-everything the config does not name (reordered norm, SwiGLU experts, dropless MoE, qk-norm
-placement, RMSNorm eps) stays OLMo-core's OLMoE recipe.
+The model is ``TransformerConfig.olmoe_1B_7B`` with the sizes and block type of
+``RunConfig.model``, so everything the config does not name (SwiGLU experts, dropless MoE,
+RMSNorm eps 1e-6, no router bias) stays OLMo-core's OLMoE recipe. Note that olmo-core's own
+default block is ``moe_reordered_norm`` (norm after attention and MoE, an OLMoE ablation),
+while released OLMoE-1B-7B and transformers' ``OlmoeForCausalLM`` are pre-norm (``moe``); our
+configs use ``moe`` so that a checkpoint has OLMoE's architecture.
 """
 
 import dataclasses
@@ -26,9 +29,10 @@ class TrainComponents(NamedTuple):
 
 def build_transformer_config(model: ModelConfig):
     """An OLMo-core ``TransformerConfig`` for ``model``; build it with ``.build(init_device=...)``."""
-    from olmo_core.nn.transformer import TransformerConfig
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
 
     config = TransformerConfig.olmoe_1B_7B(
+        block_name=TransformerBlockType(model.block),
         vocab_size=model.embedding_size,
         d_model=model.d_model,
         n_layers=model.n_layers,

@@ -50,6 +50,7 @@ def test_full_size_model_from_yaml_matches_olmoe_1b_7b_parameter_counts():
     assert total == model_config.num_params
     assert round(total / 1e9, 1) == 6.9  # published: 6.9B total
     assert round(model_config.num_active_params / 1e9, 1) == 1.3  # published: 1.3B active
+    assert type(model.blocks["0"]).__name__ == "MoETransformerBlock"  # pre-norm, as released OLMoE
     routers = [m for m in model.modules() if type(m).__name__ == "MoELinearRouter"]
     assert len(routers) == 16 and routers[0].num_experts == 64 and routers[0].top_k == 8
 
