@@ -9,7 +9,6 @@ flip rate (all over the whole global batch of that step) and the gate similarity
 ``<save_folder>/gatepro_metrics.jsonl``.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from olmo_core.train.callbacks import Callback
 
 from olmoe_gatepro import metrics
 from olmoe_gatepro.config import GateProRunConfig
+from olmoe_gatepro.jsonl import append_record, read_records, rewrite_records
 from olmoe_gatepro.olmo_core_patch import patch_olmo_core
 from olmoe_gatepro.router_state import (
     SETTINGS_ATTR,
@@ -30,19 +30,9 @@ from olmoe_gatepro.router_state import (
     stop_recording,
 )
 
-__all__ = ["GateProCallback", "METRICS_FILE", "read_metrics_file"]
+__all__ = ["GateProCallback", "METRICS_FILE"]
 
 METRICS_FILE = "gatepro_metrics.jsonl"
-
-
-def read_metrics_file(path: str) -> list[dict]:
-    """The complete lines of a metrics JSONL file; a line cut short by a crash is skipped."""
-    records = []
-    with open(path) as file:
-        for line in file:
-            if line.endswith("\n"):
-                records.append(json.loads(line))
-    return records
 
 
 @dataclass
@@ -69,8 +59,10 @@ class GateProCallback(Callback):
     def pre_train(self) -> None:
         tokens = self.trainer.global_train_tokens_seen
         patch_olmo_core(model=self._model, config=self.gatepro.router_config(tokens))
-        if self._is_writer():
-            self._keep_lines_up_to(self.trainer.global_step)
+        if self._is_writer() and os.path.exists(self._metrics_path):
+            # Drop a cut-short line and lines of steps after the checkpoint we resume from.
+            step = self.trainer.global_step
+            rewrite_records(self._metrics_path, [r for r in read_records(self._metrics_path) if r["step"] <= step])
 
     def pre_step(self, batch) -> None:
         batch_tokens = self.trainer.data_loader.global_num_tokens_in_batch(batch) or 0
@@ -100,7 +92,8 @@ class GateProCallback(Callback):
                 "gatepro_active": getattr(gatepro_routers(self._model)[0], SETTINGS_ATTR).enabled,
                 "layers": layers,
             }
-            self._append_line(record)
+            os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
+            append_record(self._metrics_path, record)
 
     def _layer_metrics(self, router) -> dict:
         tally = stop_recording(router)
@@ -118,23 +111,3 @@ class GateProCallback(Callback):
 
     def _is_writer(self) -> bool:
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-    def _append_line(self, record: dict) -> None:
-        os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
-        with open(self._metrics_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-
-    def _keep_lines_up_to(self, step: int) -> None:
-        """On (re)start: drop a cut-short last line and lines of steps after the checkpoint."""
-        path = self._metrics_path
-        if not os.path.exists(path):
-            return
-        kept = [record for record in read_metrics_file(path) if record["step"] <= step]
-        partial = f"{path}.partial"
-        with open(partial, "w") as file:
-            file.writelines(json.dumps(record) + "\n" for record in kept)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)

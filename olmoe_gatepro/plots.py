@@ -40,6 +40,25 @@ def _label(setting: str, lbl: float) -> str:
     return f"{setting}, LBL {lbl:g}" if lbl else f"{setting}, no LBL"
 
 
+def _styles(runs: list[dict]) -> dict[tuple[str, float], dict]:
+    """One colour per setting, solid with the load-balancing loss and dashed without."""
+    settings = list(dict.fromkeys(run["setting"] for run in runs))
+    colours = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
+    return {
+        (run["setting"], run["lb_loss_weight"]): dict(
+            color=colours(settings.index(run["setting"])),
+            linestyle="-" if run["lb_loss_weight"] else "--",
+            label=_label(run["setting"], run["lb_loss_weight"]),
+        )
+        for run in runs
+    }
+
+
+def _legend(figure, axis) -> None:
+    handles, labels = axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+
+
 def _save(figure, path: str) -> None:
     partial = f"{path}.partial.png"
     figure.savefig(partial, dpi=110, bbox_inches="tight")
@@ -50,15 +69,18 @@ def _save(figure, path: str) -> None:
 def plot_zero_token_curves(runs: list[dict], path: str) -> None:
     """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
     num_layers = len(runs[0]["records"][0]["layers"])
-    figure, axes = plt.subplots(1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False)
+    styles = _styles(runs)
+    figure, axes = plt.subplots(
+        1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False, constrained_layout=True
+    )
     for layer, axis in enumerate(axes[0]):
-        for (setting, lbl), (steps, values) in _mean_curves(runs, "zero_token_count", layer).items():
-            axis.plot(steps, values, linestyle="-" if lbl else "--", label=_label(setting, lbl))
+        for key, (steps, values) in _mean_curves(runs, "zero_token_count", layer).items():
+            axis.plot(steps, values, **styles[key])
         axis.set_title(f"layer {layer}")
         axis.set_xlabel("step")
         axis.set_ylabel("experts with no token")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    figure.suptitle("Zero-token count (mean over seeds)")
+    _legend(figure, axes[0][0])
+    figure.suptitle("Zero-token count per batch (mean over seeds)")
     _save(figure, path)
 
 
@@ -66,16 +88,18 @@ def plot_diversity_curves(runs: list[dict], path: str) -> None:
     """Cosine similarity, angle and spectral entropy over steps, first and last layer (Figure 5)."""
     num_layers = len(runs[0]["records"][0]["layers"])
     layers = sorted({0, num_layers - 1})
+    styles = _styles(runs)
     figure, axes = plt.subplots(
-        len(layers), len(DIVERSITY_METRICS), figsize=(13, 3.4 * len(layers)), squeeze=False
+        len(layers), len(DIVERSITY_METRICS), figsize=(13, 3.4 * len(layers)), squeeze=False,
+        constrained_layout=True,
     )
     for row, layer in enumerate(layers):
         for column, (metric, title) in enumerate(DIVERSITY_METRICS):
             axis = axes[row][column]
-            for (setting, lbl), (steps, values) in _mean_curves(runs, metric, layer).items():
-                axis.plot(steps, values, linestyle="-" if lbl else "--", label=_label(setting, lbl))
+            for key, (steps, values) in _mean_curves(runs, metric, layer).items():
+                axis.plot(steps, values, **styles[key])
             axis.set_title(f"layer {layer}: {title}")
             axis.set_xlabel("step")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    _legend(figure, axes[0][0])
     figure.suptitle("Gate similarity (mean over seeds)")
     _save(figure, path)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.jsonl import append_record, repair, write_text_atomically
 from olmoe_gatepro.tiny_run import LAYER_METRICS, TinyRunConfig, corpus_tokens, train_tiny
 
 __all__ = ["StudySetting", "PRESETS", "run_study", "summarise", "activation_step"]
@@ -81,25 +82,6 @@ def _run_key(setting: str, lb_loss_weight: float, seed: int) -> str:
     return f"{setting} | lbl={lb_loss_weight:g} | seed={seed}"
 
 
-def _finished_runs(path: str) -> dict[str, dict]:
-    if not os.path.exists(path):
-        return {}
-    finished = {}
-    with open(path) as file:
-        for line in file:
-            if line.endswith("\n"):  # a line cut short by a crash is ignored and rerun
-                record = json.loads(line)
-                finished[record["key"]] = record
-    return finished
-
-
-def _append_line(path: str, record: dict) -> None:
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def activation_step(records: list[dict]) -> int | None:
     """First logged step at which no layer has an unused expert; None when never reached."""
     for record in records:
@@ -112,10 +94,10 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print) -> list[dict]:
     """Train every (setting, LBL weight, seed) not already in ``out_dir``; write the report."""
     os.makedirs(out_dir, exist_ok=True)
     records_path = os.path.join(out_dir, "records.jsonl")
-    _write_text_atomically(
+    write_text_atomically(
         os.path.join(out_dir, "preset.json"), json.dumps(_preset_dict(preset), indent=2)
     )
-    finished = _finished_runs(records_path)
+    finished = {record["key"]: record for record in repair(records_path)}
     tokens = corpus_tokens()
     plan = [
         (setting, lbl, seed)
@@ -138,7 +120,7 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print) -> list[dict]:
             "seed": seed,
             "records": records,
         }
-        _append_line(records_path, result)
+        append_record(records_path, result)
         finished[key] = result
         elapsed = time.monotonic() - started
         echo(f"[{index}/{len(plan)}] {key}: held-out loss {records[-1]['held_out_loss']:.4f} ({elapsed:.0f} s)")
@@ -155,15 +137,6 @@ def _preset_dict(preset: StudyPreset) -> dict:
         "seeds": list(preset.seeds),
         "lb_loss_weights": list(preset.lb_loss_weights),
     }
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
 
 
 SUMMARY_COLUMNS = (
@@ -235,7 +208,7 @@ def write_report(results: list[dict], out_dir: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(partial, os.path.join(out_dir, "summary.csv"))
-    _write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
+    write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
     from olmoe_gatepro.plots import plot_diversity_curves, plot_zero_token_curves
 
     plot_zero_token_curves(results, os.path.join(out_dir, "zero_token_count.png"))

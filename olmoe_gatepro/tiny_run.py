@@ -19,6 +19,7 @@ from torch import nn
 
 from olmoe_gatepro import metrics
 from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.router_state import refresh_partners
 from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
 
@@ -176,15 +177,6 @@ def train_tiny(
     return records
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "w") as file:
-        json.dump(payload, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-
-
 def compare_tiny(
     config: TinyRunConfig, gatepro: GateProConfig, out_dir: str | None = None, echo=print
 ) -> dict:
@@ -211,7 +203,7 @@ def compare_tiny(
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "tiny_comparison.json")
-        _write_json_atomically(path, result)
+        write_text_atomically(path, json.dumps(result, indent=2))
         echo(f"wrote {path}")
     return result
 

@@ -22,3 +22,10 @@ def test_router_overhead_quick_on_tiny_shapes():
     rows = [line for line in out.splitlines() if re.match(r"(eager|compile)\s+32\s+8\s+(64|128)\s", line)]
     assert len(rows) == 4, out
     assert out.strip().splitlines()[-1].startswith("overhead_ratio=")
+
+
+def test_train_throughput_quick_on_tiny_shapes():
+    out = _run("train_throughput.py", "--quick", "--d-model", "32", "--experts", "8", "--expert-hidden", "16",
+               "--top-k", "2", "--seq-len", "16")
+    assert "stock" in out and "gatepro" in out
+    assert re.fullmatch(r"throughput_ratio=\d+\.\d{4}", out.strip().splitlines()[-1])

@@ -15,7 +15,8 @@ from olmo_core.nn.moe.router import MoELinearRouter
 
 from olmoe_gatepro import metrics, unpatch
 from olmoe_gatepro.config import GateProRunConfig
-from olmoe_gatepro.olmo_core_callback import GateProCallback, read_metrics_file
+from olmoe_gatepro.jsonl import read_records as read_metrics_file
+from olmoe_gatepro.olmo_core_callback import GateProCallback
 from reference import reference_gatepro
 
 D_MODEL, EXPERTS, TOP_K, PENALTY = 16, 8, 2, 0.3
