@@ -95,10 +95,13 @@ def run(args) -> float | None:
         stock, gatepro = build_pair(args.d_model, num_experts, args.top_k, device)
         partner_ms = 1e3 * time_partner_table(stock.weight.detach().view(num_experts, -1), device, args.repeats)
         for mode in modes:
-            steps = [step_fn(stock), step_fn(gatepro)]
-            if mode == "compile":
-                steps = [torch.compile(step, dynamic=False) for step in steps]
             for tokens in args.tokens:
+                steps = [step_fn(stock), step_fn(gatepro)]
+                if mode == "compile":
+                    # Both steps share one code object: a fresh Dynamo cache per shape keeps
+                    # their compiled graphs from competing for its recompile limit.
+                    torch._dynamo.reset()
+                    steps = [torch.compile(step, dynamic=False) for step in steps]
                 generator = torch.Generator(device=device).manual_seed(tokens)
                 x = torch.randn(1, tokens, args.d_model, generator=generator, device=device, dtype=dtype)
                 x.requires_grad_(True)

@@ -5,8 +5,8 @@ The model has OLMoE-1B-7B's width and expert shape (d = 2048, 64 experts of hidd
 (the path that runs on a CPU). Both models start from the same weights; steps alternate
 between them so noise hits both. The last line is ``throughput_ratio=<GatePro / stock>``.
 
-    python benchmarks/train_throughput.py           # 2 layers, 4 x 512 tokens a step
-    python benchmarks/train_throughput.py --quick   # 1 layer, fewer steps
+    python benchmarks/train_throughput.py           # 1 layer, 4 x 512 tokens a step (~13 GB)
+    python benchmarks/train_throughput.py --quick   # fewer steps, 2 x 512 tokens
 
 OLMo-core's path needs GPU expert kernels; it is not measured by this script.
 """
@@ -36,7 +36,7 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=1)  # 2 with AdamW state needs ~26 GB
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--expert-hidden", type=int, default=1024)
     parser.add_argument("--top-k", type=int, default=8)
@@ -45,7 +45,7 @@ def main(argv=None) -> float:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     if args.quick:
-        args.layers, args.steps, args.batch = 1, 3, 2
+        args.steps, args.batch = 3, 2
 
     stock, gatepro = build_models(args)
     optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model in (stock, gatepro)]

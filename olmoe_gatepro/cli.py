@@ -5,6 +5,8 @@ import dataclasses
 import json
 import sys
 
+import torch
+
 from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
 from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing",
     )
     study.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    study.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
     train = commands.add_parser(
         "train",
         help="train an OLMoE with OLMo-core from a YAML config (run under torchrun; GPUs needed)",
@@ -84,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"bad --gatepro-* flag: {error}")
         compare_tiny(tiny, gatepro, out_dir=args.out)
     elif args.command == "study":
-        run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}")
+        if args.preset == "gpu" and not torch.cuda.is_available():
+            parser.error("study --preset gpu needs a CUDA GPU; none is visible (use --preset cpu)")
+        suffix = f"-{args.num_experts}experts" if args.num_experts else ""
+        run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}{suffix}", num_experts=args.num_experts)
     elif args.command == "train":
         return _train(args.config, unknown, args.dry_run, parser)
     elif args.command == "prepare-data":

@@ -66,6 +66,18 @@ PRESETS = {
         seeds=(0, 1, 2),
         lb_loss_weights=(0.01, 0.0),
     ),
+    # Larger: 64 and 128 experts, top-8, 2,000 steps of 16 x 512 tokens, on a CUDA GPU through
+    # transformers' OLMoE. Not run yet (no GPU was available); about 36 runs per expert count.
+    "gpu": StudyPreset(
+        run=TinyRunConfig(
+            steps=2000, batch_size=16, seq_len=512, hidden_size=512, num_layers=8, num_heads=8,
+            num_experts=64, top_k=8, expert_hidden_size=256, learning_rate=1e-3, log_every=50,
+            device="cuda", corpus="stdlib",
+        ),
+        settings=PAPER_GRID,
+        seeds=(0, 1, 2),
+        lb_loss_weights=(0.01, 0.0),
+    ),
     # For tests: two settings, a few steps.
     "minimal": StudyPreset(
         run=TinyRunConfig(
@@ -90,15 +102,20 @@ def activation_step(records: list[dict]) -> int | None:
     return None
 
 
-def run_study(preset: StudyPreset, out_dir: str, echo=print) -> list[dict]:
-    """Train every (setting, LBL weight, seed) not already in ``out_dir``; write the report."""
+def run_study(preset: StudyPreset, out_dir: str, echo=print, num_experts: int | None = None) -> list[dict]:
+    """Train every (setting, LBL weight, seed) not already in ``out_dir``; write the report.
+
+    ``num_experts`` overrides the preset's (the GPU preset is meant to run at 64 and at 128).
+    """
+    if num_experts is not None:
+        preset = dataclasses.replace(preset, run=dataclasses.replace(preset.run, num_experts=num_experts))
     os.makedirs(out_dir, exist_ok=True)
     records_path = os.path.join(out_dir, "records.jsonl")
     write_text_atomically(
         os.path.join(out_dir, "preset.json"), json.dumps(_preset_dict(preset), indent=2)
     )
     finished = {record["key"]: record for record in repair(records_path)}
-    tokens = corpus_tokens()
+    tokens = corpus_tokens(preset.run.corpus)
     plan = [
         (setting, lbl, seed)
         for lbl in preset.lb_loss_weights

@@ -11,6 +11,7 @@ import inspect
 import importlib
 import json
 import os
+import sysconfig
 import time
 from dataclasses import dataclass
 
@@ -54,12 +55,31 @@ class TinyRunConfig:
     learning_rate: float = 3e-3
     router_aux_loss_coef: float = 0.01
     log_every: int = 10
+    device: str = "cpu"
+    corpus: str = "small"
 
 
-def corpus_tokens() -> torch.Tensor:
-    """int64 (T,): the bytes of the standard-library sources in ``CORPUS_MODULES``."""
-    text = "\n".join(inspect.getsource(importlib.import_module(name)) for name in CORPUS_MODULES)
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+def corpus_tokens(corpus: str = "small") -> torch.Tensor:
+    """int64 (T,): UTF-8 bytes of standard-library sources.
+
+    ``small``: the modules in ``CORPUS_MODULES`` (about 0.3M tokens); ``stdlib``: every ``.py``
+    file of the standard library but site-packages, in sorted order (tens of millions of tokens).
+    """
+    if corpus == "small":
+        text = "\n".join(inspect.getsource(importlib.import_module(name)) for name in CORPUS_MODULES)
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    if corpus == "stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        paths = []
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "__pycache__"))
+            paths += [os.path.join(folder, name) for name in sorted(names) if name.endswith(".py")]
+        data = bytearray()
+        for path in paths:
+            with open(path, "rb") as file:
+                data += file.read() + b"\n"
+        return torch.frombuffer(data, dtype=torch.uint8).long()
+    raise ValueError(f"corpus must be 'small' or 'stdlib'; got {corpus!r}")
 
 
 def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
@@ -140,14 +160,15 @@ def train_tiny(
     ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
     other settings of ``gatepro`` would change in the baseline's routing.
     """
-    model = build_tiny_olmoe(config)
+    device = torch.device(config.device)
+    model = build_tiny_olmoe(config).to(device)
     patch_transformers(model=model, config=gatepro)
     routers = olmoe_routers(model)
     recorder = _RouterRecorder(routers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95))
     split = int(tokens.numel() * 0.9)
-    train_batches = _batches(tokens[:split], config)
-    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
+    train_batches = _batches(tokens[:split], config).to(device)
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0].to(device)
     records = []
     model.train()
     for step in range(1, config.steps + 1):
@@ -181,7 +202,7 @@ def compare_tiny(
     config: TinyRunConfig, gatepro: GateProConfig, out_dir: str | None = None, echo=print
 ) -> dict:
     """Train baseline and GatePro from the same seed and data; print and return their metrics."""
-    tokens = corpus_tokens()
+    tokens = corpus_tokens(config.corpus)
     runs = {}
     for name, setting in (("baseline", gatepro.replace(enabled=False)), ("gatepro", gatepro)):
         started = time.monotonic()
@@ -197,6 +218,7 @@ def compare_tiny(
         "gatepro": dataclasses.asdict(gatepro),
         "corpus_modules": list(CORPUS_MODULES),
         "corpus_tokens": int(tokens.numel()),
+        "corpus": config.corpus,
         "runs": runs,
     }
     echo(format_comparison(runs))

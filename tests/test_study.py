@@ -37,3 +37,21 @@ def test_activation_step():
     records = [{"step": 10, "layers": [layer(3), layer(0)]}, {"step": 20, "layers": [layer(0), layer(0)]}]
     assert activation_step(records) == 20
     assert activation_step(records[:1]) is None
+
+
+def test_gpu_preset_refuses_without_cuda(capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the refusal path does not apply")
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--preset", "gpu"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_stdlib_corpus_is_large_and_bytes():
+    from olmoe_gatepro.tiny_run import corpus_tokens
+
+    tokens = corpus_tokens("stdlib")
+    assert tokens.numel() > 5_000_000 and int(tokens.max()) < 256
