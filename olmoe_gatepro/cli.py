@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    compare = commands.add_parser(
+        "compare", help="lay evaluation results side by side (the paper's Table 2) and plot routing"
+    )
+    compare.add_argument("results", nargs="+", help="eval_results.json files or run folders; the first is the baseline")
+    compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     prepare = commands.add_parser("prepare-data", help="tokenise local text files into OLMo-core token files")
     prepare.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz (key 'text') or plain text files")
     prepare.add_argument("--out", required=True, help="an empty folder for part-NNNNN.npy shards")
@@ -93,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}{suffix}", num_experts=args.num_experts)
     elif args.command == "train":
         return _train(args.config, unknown, args.dry_run, parser)
+    elif args.command == "compare":
+        from olmoe_gatepro.compare import compare
+
+        try:
+            compare(args.results, args.out)
+        except ValueError as error:
+            parser.error(str(error))
     elif args.command == "prepare-data":
         from olmoe_gatepro.data_prep import write_token_files
 

@@ -1,7 +1,8 @@
 """Figure 4/5-style PNG plots of routing metrics over training, runs on the same axes.
 
 A run is a dict with ``setting``, ``lb_loss_weight`` and ``records`` (as ``tiny_run.train_tiny``
-returns them); runs that share setting and LBL weight are averaged over seeds.
+returns them, or lines of the OLMo-core callback's metrics file), and optionally a legend
+``label``; runs that share setting and LBL weight are averaged over seeds.
 """
 
 import os
@@ -48,7 +49,7 @@ def _styles(runs: list[dict]) -> dict[tuple[str, float], dict]:
         (run["setting"], run["lb_loss_weight"]): dict(
             color=colours(settings.index(run["setting"])),
             linestyle="-" if run["lb_loss_weight"] else "--",
-            label=_label(run["setting"], run["lb_loss_weight"]),
+            label=run.get("label") or _label(run["setting"], run["lb_loss_weight"]),
         )
         for run in runs
     }
