@@ -1,4 +1,5 @@
-# Two entry points: `make smoke` (the main job on its tiny CPU default) and `make test`.
+# Two entry points: `make smoke` (the main job, `olmoe-gatepro reproduce`, on its tiny CPU
+# default) and `make test`.
 # Each creates .venv with the pinned dependencies when it is missing or out of date.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	touch $@
 
 smoke: $(INSTALLED)
-	$(BIN)/olmoe-gatepro smoke
+	$(BIN)/olmoe-gatepro reproduce
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

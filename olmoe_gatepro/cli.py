@@ -9,6 +9,7 @@ import torch
 
 from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
 from olmoe_gatepro.lm_eval_integration import TASKS
+from olmoe_gatepro.reproduce import PRESETS as REPRODUCE_PRESETS
 from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    reproduce = commands.add_parser(
+        "reproduce", help="train baseline and GatePro, evaluate both on the five benchmarks, compare (resumable)"
+    )
+    reproduce.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="smoke")
+    reproduce.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>); rerun to resume")
     evaluate = commands.add_parser(
         "eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA"
     )
@@ -114,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}{suffix}", num_experts=args.num_experts)
     elif args.command == "train":
         return _train(args.config, unknown, args.dry_run, parser)
+    elif args.command == "reproduce":
+        from olmoe_gatepro.reproduce import reproduce
+
+        try:
+            reproduce(args.preset, args.out or f"runs/reproduce-{args.preset}")
+        except ValueError as error:
+            parser.error(str(error))
     elif args.command == "eval":
         return _evaluate(args, parser)
     elif args.command == "compare":

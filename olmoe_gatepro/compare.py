@@ -6,7 +6,8 @@ A result file (``eval_results.json``) holds one model's scores on one task suite
      "revision": null, "suite": "lm-eval", "limit": null, "gatepro": {...} or null,
      "tasks": {"mmlu": {"score": 0.376, "stderr": 0.004, "samples": 14042, "metric": "acc"}, ...}}
 
-Scores are fractions in [0, 1]; the table shows percentages. The first result is the
+Scores are fractions in [0, 1]; the table shows percentages. A ``stderr`` of null (lm-eval
+cannot estimate it from one sample) shows as n/a, and no delta is marked against it. The first result is the
 baseline: every other row gets its delta to it and whether that delta exceeds its standard
 error, sqrt(se_model^2 + se_baseline^2).
 """
@@ -65,6 +66,14 @@ def _check_comparable(results: list[dict]) -> None:
             )
 
 
+def _percent(stderr) -> float:
+    return math.nan if stderr is None else 100 * stderr
+
+
+def _cell(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
 def comparison_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
     """(tasks, rows): per model, percent scores per task and their average, deltas to row 0."""
     _check_comparable(results)
@@ -72,7 +81,7 @@ def comparison_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
     rows = []
     for result in results:
         scores = {task: 100 * result["tasks"][task]["score"] for task in tasks}
-        stderrs = {task: 100 * result["tasks"][task]["stderr"] for task in tasks}
+        stderrs = {task: _percent(result["tasks"][task]["stderr"]) for task in tasks}
         scores["avg"] = sum(scores[task] for task in tasks) / len(tasks)
         stderrs["avg"] = math.sqrt(sum(stderrs[task] ** 2 for task in tasks)) / len(tasks)
         rows.append({"label": result["label"], "scores": scores, "stderrs": stderrs})
@@ -99,7 +108,7 @@ def to_markdown(tasks: list[str], rows: list[dict], suite: str, limit) -> str:
     for index, row in enumerate(rows):
         cells = []
         for column in columns:
-            cell = f"{row['scores'][column]:.2f} ± {row['stderrs'][column]:.2f}"
+            cell = f"{row['scores'][column]:.2f} ± {_cell(row['stderrs'][column])}"
             if index:
                 mark = "*" if row["significant"][column] else ""
                 cell += f" (Δ {row['deltas'][column]:+.2f}{mark})"

@@ -170,9 +170,10 @@ def evaluate(
             samples = sum(
                 n["effective"] for name, n in output["n-samples"].items() if name.startswith(names[task] + "_")
             )
+        stderr = entry.get(f"{metric}_stderr,none")  # lm-eval gives "N/A" for a single sample
         scores[task] = {
             "score": entry[f"{metric},none"],
-            "stderr": entry.get(f"{metric}_stderr,none"),
+            "stderr": stderr if isinstance(stderr, (int, float)) else None,
             "samples": samples,
             "metric": metric,
         }

@@ -173,12 +173,17 @@ def _layer_metrics(router: nn.Module, recorded_input, chosen, gatepro: GateProCo
 
 
 def train_tiny(
-    config: TinyRunConfig, gatepro: GateProConfig, tokens: torch.Tensor, progress=None
+    config: TinyRunConfig,
+    gatepro: GateProConfig,
+    tokens: torch.Tensor,
+    progress=None,
+    checkpoint_dir: str | None = None,
 ) -> list[dict]:
     """Train one tiny OLMoE; return a record per logged step with loss and per-layer metrics.
 
     ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
-    other settings of ``gatepro`` would change in the baseline's routing.
+    other settings of ``gatepro`` would change in the baseline's routing. With
+    ``checkpoint_dir`` the trained model is saved there (stock keys, byte tokenizer).
     """
     device = torch.device(config.device)
     model = build_tiny_olmoe(config).to(device)
@@ -215,6 +220,8 @@ def train_tiny(
             )
         if progress is not None:
             progress(step, config.steps, loss.item())
+    if checkpoint_dir is not None:
+        save_checkpoint(model.cpu(), checkpoint_dir)
     return records
 
 

@@ -92,3 +92,13 @@ def test_bad_result_files_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", str(bad)])
     assert "two or more results" in capsys.readouterr().err
+
+
+def test_missing_stderr_shows_na_and_marks_nothing(tmp_path):
+    no_stderr = {task: None for task in STDERR}
+    results = [load_result(_write(tmp_path / n, _result(n, PAPER[n], stderr=no_stderr))) for n in ("baseline", "gatepro")]
+    tasks, rows = comparison_rows(results)
+    assert not any(rows[1]["significant"].values())
+    from olmoe_gatepro.compare import to_markdown
+
+    assert "38.30 ± n/a (Δ +0.70)" in to_markdown(tasks, rows, "lm-eval", None)
