@@ -55,6 +55,11 @@ def _styles(runs: list[dict]) -> dict[tuple[str, float], dict]:
     }
 
 
+def _seeds_note(runs: list[dict]) -> str:
+    keys = [(run["setting"], run["lb_loss_weight"]) for run in runs]
+    return " (mean over seeds)" if len(set(keys)) < len(keys) else ""
+
+
 def _legend(figure, axis) -> None:
     handles, labels = axis.get_legend_handles_labels()
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
@@ -81,7 +86,7 @@ def plot_zero_token_curves(runs: list[dict], path: str) -> None:
         axis.set_xlabel("step")
         axis.set_ylabel("experts with no token")
     _legend(figure, axes[0][0])
-    figure.suptitle("Zero-token count per batch (mean over seeds)")
+    figure.suptitle("Zero-token count per batch" + _seeds_note(runs))
     _save(figure, path)
 
 
@@ -102,5 +107,5 @@ def plot_diversity_curves(runs: list[dict], path: str) -> None:
             axis.set_title(f"layer {layer}: {title}")
             axis.set_xlabel("step")
     _legend(figure, axes[0][0])
-    figure.suptitle("Gate similarity (mean over seeds)")
+    figure.suptitle("Gate similarity" + _seeds_note(runs))
     _save(figure, path)
