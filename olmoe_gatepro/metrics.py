@@ -22,6 +22,7 @@ __all__ = [
     "zero_token_count",
     "load_imbalance",
     "flip_rate",
+    "topk_set_changed",
     "router_weight_metrics",
 ]
 
@@ -91,9 +92,13 @@ def flip_rate(
     penalised = gatepro_logits(
         plain, router_weight, penalty, num_competitors=num_competitors, hard=hard
     )
-    plain_set = plain.topk(top_k, dim=-1).indices.sort(dim=-1).values
-    penalised_set = penalised.topk(top_k, dim=-1).indices.sort(dim=-1).values
-    return (plain_set != penalised_set).any(dim=-1).double().mean().item()
+    changed = topk_set_changed(plain.topk(top_k, dim=-1).indices, penalised.topk(top_k, dim=-1).indices)
+    return changed.double().mean().item()
+
+
+def topk_set_changed(indices: torch.Tensor, other_indices: torch.Tensor) -> torch.Tensor:
+    """bool (...,): whether two (..., k) top-k index tensors choose different expert sets."""
+    return (indices.sort(dim=-1).values != other_indices.sort(dim=-1).values).any(dim=-1)
 
 
 def router_weight_metrics(router_weight: torch.Tensor) -> dict[str, float]:

@@ -81,7 +81,8 @@ class GateProCallback(Callback):
         if not self._recording:
             return
         self._recording = False
-        layers = [self._layer_metrics(router) for router in gatepro_routers(self._model)]
+        routers = gatepro_routers(self._model)
+        layers = [self._layer_metrics(router) for router in routers]
         for index, layer in enumerate(layers):
             for name, value in layer.items():
                 self.trainer.record_metric(f"layer {index:02d}/{name}", value, namespace="gatepro")
@@ -89,7 +90,7 @@ class GateProCallback(Callback):
             record = {
                 "step": self.trainer.global_step,
                 "tokens": self.trainer.global_train_tokens_seen,
-                "gatepro_active": getattr(gatepro_routers(self._model)[0], SETTINGS_ATTR).enabled,
+                "gatepro_active": getattr(routers[0], SETTINGS_ATTR).enabled,
                 "layers": layers,
             }
             os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)

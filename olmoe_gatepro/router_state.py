@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from olmoe_gatepro.config import GateProConfig
 from olmoe_gatepro.gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.metrics import tokens_per_expert, topk_set_changed
 
 __all__ = [
     "SETTINGS_ATTR",
@@ -86,12 +87,12 @@ def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 def _record_routing(router, record, logits, routed, enabled) -> None:
     num_experts, top_k = record.numel() - 2, router.top_k
-    penalised = routed if enabled else penalised_logits(router, logits)
-    chosen = routed.topk(top_k, dim=-1).indices.reshape(-1, top_k)
-    plain_set = logits.topk(top_k, dim=-1).indices.reshape(-1, top_k).sort(dim=-1).values
-    penalised_set = penalised.topk(top_k, dim=-1).indices.reshape(-1, top_k).sort(dim=-1).values
-    record[:num_experts] += torch.bincount(chosen.reshape(-1), minlength=num_experts).to(record.dtype)
-    record[num_experts] += (plain_set != penalised_set).any(dim=-1).sum().to(record.dtype)
+    plain = logits.topk(top_k, dim=-1).indices.reshape(-1, top_k)
+    penalised = (routed if enabled else penalised_logits(router, logits)).topk(top_k, dim=-1).indices
+    penalised = penalised.reshape(-1, top_k)
+    chosen = penalised if enabled else plain
+    record[:num_experts] += tokens_per_expert(chosen, num_experts).to(record.dtype)
+    record[num_experts] += topk_set_changed(plain, penalised).sum().to(record.dtype)
     record[num_experts + 1] += chosen.shape[0]
 
 

@@ -24,7 +24,16 @@ from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.router_state import refresh_partners
 from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
 
-__all__ = ["TinyRunConfig", "corpus_tokens", "build_tiny_olmoe", "train_tiny", "compare_tiny"]
+__all__ = [
+    "TinyRunConfig",
+    "corpus_tokens",
+    "build_tiny_olmoe",
+    "byte_tokenizer",
+    "save_checkpoint",
+    "train_tiny",
+    "compare_tiny",
+    "format_comparison",
+]
 
 HELD_OUT_SEED = 1234  # the held-out batch is the same for every run and seed
 CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
