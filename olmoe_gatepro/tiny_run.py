@@ -20,6 +20,7 @@ from torch import nn
 
 from olmoe_gatepro import metrics
 from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.data_prep import byte_tokenizer
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.router_state import refresh_partners
 from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
@@ -28,7 +29,6 @@ __all__ = [
     "TinyRunConfig",
     "corpus_tokens",
     "build_tiny_olmoe",
-    "byte_tokenizer",
     "save_checkpoint",
     "train_tiny",
     "compare_tiny",
@@ -113,20 +113,6 @@ def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
         eos_token_id=None,
     )
     return OlmoeForCausalLM(model_config)
-
-
-def byte_tokenizer():
-    """A transformers fast tokenizer whose ids are UTF-8 byte values (0-255); byte 0 is EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = bytes_to_unicode()
-    vocab = {byte_chars[value]: value for value in range(256)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=byte_chars[0], pad_token=byte_chars[0])
 
 
 def save_checkpoint(model: nn.Module, folder: str) -> None:

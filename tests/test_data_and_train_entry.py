@@ -1,7 +1,6 @@
-"""Token-file preparation and the OLMo-core data path of the training entry point, on the CPU.
+"""Token-file preparation, the OLMo-core data path of the training entry point, config resolution.
 
-The model side of `olmoe-gatepro train` needs GPU expert kernels and is not run here; the data
-path (our token files through OLMo-core's dataset and data loader) and config resolution are.
+Training itself, end to end, is in test_olmo_core_end_to_end.py.
 """
 
 import gzip

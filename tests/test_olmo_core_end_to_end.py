@@ -1,0 +1,113 @@
+"""OLMo-core end to end on the CPU: train baseline and GatePro with scripts/train.py, resume, convert, load.
+
+OLMo-core's MoE runs through Triton's interpreter here (see conftest.py), so the runs are tiny:
+2 sequences of 16 tokens a step. The GatePro run switches GatePro on and off mid-run (the
+hot-swap schedule) and is killed between the two switches; resumed, it must end exactly where
+an uninterrupted run ends.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from olmoe_gatepro.cli import main
+from olmoe_gatepro.jsonl import read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS_PER_STEP = 2 * 16
+SMALL = ["--train.sequence_length=16", "--train.global_batch_sequences=2", "--train.micro_batch_sequences=2",
+         "--train.checkpoint_interval_steps=2", "--train.metrics_interval_steps=1", "--optim.warmup_tokens=32"]
+SCHEDULE = [f"--gatepro.on_from_tokens={2 * TOKENS_PER_STEP}", f"--gatepro.off_after_tokens={5 * TOKENS_PER_STEP}"]
+
+
+def _command(folder: Path, tokens: Path, steps: int, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny-test.yaml"),
+            f"--train.save_folder={folder}", f"--data.paths=[{tokens}/*.npy]",
+            f"--train.max_tokens={steps * TOKENS_PER_STEP}", *SMALL, *overrides]
+
+
+def _train(folder: Path, tokens: Path, steps: int, *overrides: str) -> str:
+    result = subprocess.run(_command(folder, tokens, steps, *overrides), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr + result.stdout
+
+
+def _train_until_killed(folder: Path, tokens: Path, steps: int, kill_at_step: int, *overrides: str) -> None:
+    """Start a run and SIGKILL it once its checkpoint of ``kill_at_step`` is complete (a pre-emption)."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    process = subprocess.Popen(_command(folder, tokens, steps, *overrides),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not Checkpointer.dir_is_checkpoint(str(folder / f"step{kill_at_step}")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.05)
+    process.kill()
+    assert process.wait() != 0
+
+
+def _convert(folder: Path, out: Path) -> dict[str, torch.Tensor]:
+    assert main(["convert", str(folder), "--out", str(out)]) == 0
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    text = root / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} of line {i}." for i in range(4000)))
+    assert main(["prepare-data", str(text), "--out", str(root / "tokens")]) == 0
+    tokens = root / "tokens"
+    _train_until_killed(root / "resumed", tokens, 6, 4, *SCHEDULE)
+    logs = {
+        "straight": _train(root / "straight", tokens, 6, *SCHEDULE),
+        "resumed": _train(root / "resumed", tokens, 6, *SCHEDULE),
+        "baseline": _train(root / "baseline", tokens, 6, "--gatepro.enabled=false"),
+    }
+    weights = {name: _convert(root / name, root / f"hf-{name}") for name in ("straight", "resumed", "baseline")}
+    return root, logs, weights
+
+
+def test_resumed_gatepro_run_ends_exactly_where_an_uninterrupted_one_does(runs):
+    root, logs, weights = runs
+    assert f"Loading checkpoint from '{root}/resumed/step4'" in logs["resumed"]
+    assert "Loading checkpoint from" not in logs["straight"]
+    straight, resumed = weights["straight"], weights["resumed"]
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    records = read_records(str(root / "straight/gatepro_metrics.jsonl"))
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    # on from 64 tokens (the step that starts there is step 3), off from 160 (step 6)
+    assert [record["gatepro_active"] for record in records] == [False, False, True, True, True, False]
+    assert read_records(str(root / "resumed/gatepro_metrics.jsonl")) == records
+
+
+def test_baseline_and_gatepro_checkpoints_load_in_stock_transformers(runs):
+    root, _, weights = runs
+    baseline, gatepro = weights["baseline"], weights["straight"]
+    assert any(not torch.equal(baseline[key], gatepro[key]) for key in baseline)
+    assert not any(record["gatepro_active"] for record in read_records(str(root / "baseline/gatepro_metrics.jsonl")))
+    # A fresh interpreter that never imports olmoe_gatepro: stock transformers only.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
+        "assert type(model).__name__ == 'OlmoeForCausalLM', type(model)\n"
+        "assert not any(info.values()), info\n"
+        "ids = AutoTokenizer.from_pretrained(sys.argv[1])('word3 of line', return_tensors='pt').input_ids\n"
+        "out = model.generate(ids, max_new_tokens=4, do_sample=False)\n"
+        "assert out.shape == (1, ids.shape[1] + 4) and 'olmoe_gatepro' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    for name in ("hf-baseline", "hf-straight"):
+        result = subprocess.run([sys.executable, "-c", script, str(root / name)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    provenance = json.loads((root / "hf-baseline/olmoe_gatepro.json").read_text())
+    assert provenance["step"] == 6 and provenance["gatepro_in_training"]["enabled"] is False

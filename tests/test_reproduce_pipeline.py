@@ -1,0 +1,82 @@
+"""`reproduce` pipeline presets: the 400B cluster commands (dry run) and the same commands run on one CPU."""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+from olmoe_gatepro.cli import main
+from olmoe_gatepro.reproduce import pipeline_stages
+
+
+def _dry_run(capsys, *args) -> list[str]:
+    assert main(["reproduce", "--preset", "olmoe-1b-7b-400b", "--dry-run", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_400b_dry_run_prints_every_command(tmp_path, capsys):
+    lines = _dry_run(capsys, "--out", str(tmp_path), "--data.paths=[/data/mix/*.npy]")
+    assert [line for line in lines if line.startswith("#")] == [
+        "# train baseline", "# convert baseline", "# evaluate baseline",
+        "# train gatepro", "# convert gatepro", "# evaluate gatepro", "# compare",
+    ]
+    train_baseline, convert, evaluate, train_gatepro, _, evaluate_gatepro, compare = (
+        shlex.split(line) for line in lines if not line.startswith("#")
+    )
+    assert train_baseline[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=gpu"]
+    assert train_baseline[4:7] == ["-m", "olmoe_gatepro.cli", "train"]
+    assert train_baseline[7].endswith("configs/olmoe-1b-7b/baseline.yaml")
+    assert train_gatepro[7].endswith("configs/olmoe-1b-7b/gatepro.yaml")
+    for command, name in ((train_baseline, "baseline"), (train_gatepro, "gatepro")):
+        assert command[8:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
+    assert convert[3:] == ["convert", str(tmp_path / "baseline"), "--out", str(tmp_path / "baseline/hf"), "--dtype", "bfloat16"]
+    assert "--online" in evaluate and "--gatepro-penalty" not in evaluate and "--limit" not in evaluate
+    assert evaluate_gatepro[-2:] == ["--gatepro-penalty", "0.0001"]
+    assert compare[3:] == ["compare", str(tmp_path / "baseline"), str(tmp_path / "gatepro"), "--out", str(tmp_path / "report")]
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_400b_dry_run_marks_finished_stages_and_takes_a_launcher(tmp_path, capsys):
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline/train.done").write_text("")
+    (tmp_path / "baseline/hf").mkdir()
+    lines = _dry_run(capsys, "--out", str(tmp_path), "--shipped-eval-data",
+                     "--launcher", "srun torchrun --nnodes=8 --nproc-per-node=8")
+    assert lines[0] == "# train baseline (done, skipped)" and lines[2] == "# convert baseline (done, skipped)"
+    assert lines[4] == "# evaluate baseline"
+    assert lines[1].startswith("srun torchrun --nnodes=8 --nproc-per-node=8 -m olmoe_gatepro.cli train")
+    assert "--online" not in lines[5]
+
+
+def test_pipeline_refusals(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["reproduce", "--preset", "olmoe-1b-7b-400b", "--dry-run", "--out", str(tmp_path), "--gatepro.penalty=-1"])
+    assert error.value.code == 2
+    assert "baseline.yaml with overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--preset", "smoke", "--dry-run"])
+    assert "runs in this process" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["reproduce", "--preset", "olmo-core-tiny", "--out", str(out)]) == 0
+    report = out / "report"
+    for name in ("table.md", "table.csv", "zero_token_count.png", "diversity.png"):
+        assert (report / name).stat().st_size > 0, name
+    for name, enabled in (("baseline", False), ("gatepro", True)):
+        records = [json.loads(line) for line in (out / name / "gatepro_metrics.jsonl").read_text().splitlines()]
+        assert [record["step"] for record in records] == list(range(1, 9))
+        assert all(record["gatepro_active"] is enabled for record in records)
+        result = json.loads((out / name / "eval_results.json").read_text())
+        assert result["limit"] == 2 and result["suite"] == "lm-eval-offline"
+        assert json.loads((out / name / "hf/olmoe_gatepro.json").read_text())["step"] == 8
+    assert "Suite: lm-eval-offline; sample limit: 2." in (report / "table.md").read_text()
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", "olmo-core-tiny", "--out", str(out)]) == 0
+    finished = capsys.readouterr().out
+    stages = pipeline_stages("olmo-core-tiny", str(out))
+    assert all(f"{stage.name}: done" in finished for stage in stages)
