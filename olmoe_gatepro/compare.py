@@ -1,6 +1,8 @@
 """Baseline vs GatePro side by side: the paper's Table 2 from evaluation result files.
 
-A result file (``eval_results.json``) holds one model's scores on one task suite::
+A result file holds one model's scores on one task suite (``lm-eval``, ``lm-eval-offline`` or
+``olmo-in-loop``); a run folder keeps them as ``eval_results.json`` (the lm-eval suites) and
+``eval_results.olmo-in-loop.json``::
 
     {"schema": "olmoe-gatepro/eval-result/v1", "label": "baseline", "model": "...",
      "revision": null, "suite": "lm-eval", "limit": null, "gatepro": {...} or null,
@@ -19,17 +21,40 @@ import math
 import os
 
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
+from olmoe_gatepro.provenance import git_revision, package_versions
 
-__all__ = ["SCHEMA", "RESULT_FILE", "load_result", "comparison_rows", "to_markdown", "to_csv", "compare"]
+__all__ = ["SCHEMA", "RESULT_FILE", "IN_LOOP_RESULT_FILE", "RESULT_FILES", "result_record", "load_result", "comparison_rows", "to_markdown", "to_csv", "compare"]
 
 SCHEMA = "olmoe-gatepro/eval-result/v1"
-RESULT_FILE = "eval_results.json"
+RESULT_FILE = "eval_results.json"  # the lm-eval suites'; other suites' files carry their name
+IN_LOOP_RESULT_FILE = "eval_results.olmo-in-loop.json"
+RESULT_FILES = {"lm-eval": RESULT_FILE, "olmo-in-loop": IN_LOOP_RESULT_FILE}
 METRICS_FILE = "gatepro_metrics.jsonl"
 
 
-def load_result(path: str) -> dict:
-    """A result file, or the ``eval_results.json`` of a run folder; errors name the file."""
-    file = os.path.join(path, RESULT_FILE) if os.path.isdir(path) else path
+def result_record(*, label: str, model: str, revision: str | None, suite: str, limit: int | None, gatepro,
+                  tasks: dict) -> dict:
+    """One evaluation in this schema; ``gatepro`` is the ``GateProConfig`` routed with, or None."""
+    return {
+        "schema": SCHEMA,
+        "label": label,
+        "model": model,
+        "revision": revision,
+        "suite": suite,
+        "limit": limit,
+        "gatepro": None if gatepro is None else {
+            "enabled": gatepro.enabled, "penalty": gatepro.penalty,
+            "num_competitors": gatepro.num_competitors, "hard": gatepro.hard,
+        },
+        "tasks": tasks,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+    }
+
+
+def load_result(path: str, suite: str = "lm-eval") -> dict:
+    """A result file, or a run folder's result file of ``suite`` (``RESULT_FILES``); errors name the file."""
+    file = os.path.join(path, RESULT_FILES[suite]) if os.path.isdir(path) else path
     try:
         with open(file) as handle:
             result = json.load(handle)
@@ -130,11 +155,11 @@ def to_csv(tasks: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def compare(paths: list[str], out_dir: str, echo=print) -> dict[str, str]:
+def compare(paths: list[str], out_dir: str, echo=print, suite: str = "lm-eval") -> dict[str, str]:
     """Write table.md, table.csv and, for run folders with metrics files, the routing plots."""
     if len(paths) < 2:
         raise ValueError(f"compare needs two or more results; got {len(paths)}")
-    results = [load_result(path) for path in paths]
+    results = [load_result(path, suite) for path in paths]
     tasks, rows = comparison_rows(results)
     os.makedirs(out_dir, exist_ok=True)
     written = {

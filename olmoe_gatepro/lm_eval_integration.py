@@ -18,8 +18,7 @@ ARC-Challenge and PIQA (the length-normalised accuracy usually published for the
 import importlib.util
 import os
 
-from olmoe_gatepro.compare import SCHEMA
-from olmoe_gatepro.provenance import git_revision, package_versions
+from olmoe_gatepro.compare import result_record
 
 __all__ = ["TASKS", "SCORE_METRIC", "write_offline_tasks", "evaluate"]
 
@@ -154,18 +153,7 @@ def evaluate(
             "samples": samples,
             "metric": metric,
         }
-    return {
-        "schema": SCHEMA,
-        "label": label,
-        "model": model,
-        "revision": revision,
-        "suite": "lm-eval-offline" if offline else "lm-eval",
-        "limit": limit,
-        "gatepro": None if gatepro is None else {
-            "enabled": gatepro.enabled, "penalty": gatepro.penalty,
-            "num_competitors": gatepro.num_competitors, "hard": gatepro.hard,
-        },
-        "tasks": scores,
-        "versions": package_versions(),
-        "git_revision": git_revision(),
-    }
+    return result_record(
+        label=label, model=model, revision=revision, suite="lm-eval-offline" if offline else "lm-eval",
+        limit=limit, gatepro=gatepro, tasks=scores,
+    )
