@@ -2,11 +2,11 @@
 
 OLMo-core 3.0 converts dense OLMo models and writes MoE models as FlexOlmo; it has no mapping
 for OLMoE, whose blocks are pre-norm. This converter uses OLMo-core's own pieces (its key
-tables, its dropless-expert reshape and its ``StateConverter``) and changes only where the two
-block norms go: ``attention_norm`` -> ``input_layernorm`` and ``feed_forward_norm`` ->
+tables and ``StateConverter``, after the same dropless-expert reshape as its own converter) and
+changes only where the two block norms go: ``attention_norm`` -> ``input_layernorm`` and ``feed_forward_norm`` ->
 ``post_attention_layernorm``, as in transformers' ``OlmoeDecoderLayer``. Experts are written one
-tensor per expert, the layout of the published ``allenai/OLMoE-1B-7B-0924`` files, which
-transformers 4 loads as is and transformers 5 fuses while loading.
+tensor per expert, the layout of the published ``allenai/OLMoE-1B-7B-0924`` files (transformers
+5 fuses the experts while loading them).
 
 Validation (on by default): the OLMo-core model and the converted HF model score the same
 random tokens with stock routing, in float32, and the largest logit difference must stay under

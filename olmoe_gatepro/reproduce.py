@@ -10,7 +10,9 @@ OLMoE comparison on a GPU cluster, ``olmo-core-tiny`` the same commands on one C
 configs with OLMo-core under a launcher (torchrun; the trainer resumes from its latest
 checkpoint), convert both final checkpoints to Hugging Face folders, evaluate both on the five
 benchmarks (lm-eval's stock tasks with hub data, unless told to use the shipped copies),
-compare. A stage is skipped once its output exists; ``dry_run`` prints every command instead.
+compare; both benchmarks are also run in the OLMo in-loop format (``olmo_eval_suite``) and
+compared under ``report/olmo-in-loop``. A stage is skipped once its output exists; ``dry_run``
+prints every command instead.
 
 Report folder (printed at the end): ``report/table.md`` and ``table.csv`` (the paper's Table
 2 layout), ``zero_token_count.png`` and ``diversity.png`` (Figures 4 and 5 style), and
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from olmoe_gatepro.compare import RESULT_FILE, compare
+from olmoe_gatepro.compare import IN_LOOP_RESULT_FILE, RESULT_FILE, compare
 from olmoe_gatepro.config import GateProConfig, load_run_config
 from olmoe_gatepro.jsonl import rewrite_records, write_text_atomically
 from olmoe_gatepro.lm_eval_integration import TASKS, evaluate
@@ -193,7 +195,7 @@ def pipeline_stages(
         train_overrides = [*overrides, f"--train.save_folder={folder}"]
         run = load_run_config(str(path), train_overrides)
         hf = os.path.join(folder, "hf")
-        evaluation = [*cli, "eval", hf, "--label", name, "--out", folder, *(["--online"] if hub_data else [])]
+        evaluation = [*cli, "eval", hf, "--label", name, "--out", folder]
         if preset.eval_limit is not None:
             evaluation += ["--limit", str(preset.eval_limit)]
         if run.gatepro.enabled:
@@ -202,11 +204,19 @@ def pipeline_stages(
         stages += [
             Stage(f"train {name}", train, os.path.join(folder, "train.done"), marks_done=True),
             Stage(f"convert {name}", [*cli, "convert", folder, "--out", hf, "--dtype", "bfloat16"], hf),
-            Stage(f"evaluate {name}", evaluation, os.path.join(folder, RESULT_FILE)),
+            Stage(f"evaluate {name}", [*evaluation, *(["--online"] if hub_data else [])],
+                  os.path.join(folder, RESULT_FILE)),
+            Stage(f"evaluate {name} (olmo-in-loop)", [*evaluation, "--suite", "olmo-in-loop"],
+                  os.path.join(folder, IN_LOOP_RESULT_FILE)),
         ]
         folders.append(folder)
     report = os.path.join(out_dir, "report")
-    stages.append(Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")))
+    in_loop_report = os.path.join(report, "olmo-in-loop")
+    stages += [
+        Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")),
+        Stage("compare (olmo-in-loop)", [*cli, "compare", *folders, "--suite", "olmo-in-loop", "--out", in_loop_report],
+              os.path.join(in_loop_report, "table.md")),
+    ]
     return stages
 
 

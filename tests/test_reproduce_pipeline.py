@@ -19,12 +19,12 @@ def _dry_run(capsys, *args) -> list[str]:
 def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     lines = _dry_run(capsys, "--out", str(tmp_path), "--data.paths=[/data/mix/*.npy]")
     assert [line for line in lines if line.startswith("#")] == [
-        "# train baseline", "# convert baseline", "# evaluate baseline",
-        "# train gatepro", "# convert gatepro", "# evaluate gatepro", "# compare",
+        "# train baseline", "# convert baseline", "# evaluate baseline", "# evaluate baseline (olmo-in-loop)",
+        "# train gatepro", "# convert gatepro", "# evaluate gatepro", "# evaluate gatepro (olmo-in-loop)",
+        "# compare", "# compare (olmo-in-loop)",
     ]
-    train_baseline, convert, evaluate, train_gatepro, _, evaluate_gatepro, compare = (
-        shlex.split(line) for line in lines if not line.startswith("#")
-    )
+    (train_baseline, convert, evaluate, in_loop, train_gatepro, _, evaluate_gatepro, in_loop_gatepro, compare,
+     compare_in_loop) = (shlex.split(line) for line in lines if not line.startswith("#"))
     assert train_baseline[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=gpu"]
     assert train_baseline[4:7] == ["-m", "olmoe_gatepro.cli", "train"]
     assert train_baseline[7].endswith("configs/olmoe-1b-7b/baseline.yaml")
@@ -33,8 +33,12 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
         assert command[8:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
     assert convert[3:] == ["convert", str(tmp_path / "baseline"), "--out", str(tmp_path / "baseline/hf"), "--dtype", "bfloat16"]
     assert "--online" in evaluate and "--gatepro-penalty" not in evaluate and "--limit" not in evaluate
-    assert evaluate_gatepro[-2:] == ["--gatepro-penalty", "0.0001"]
-    assert compare[3:] == ["compare", str(tmp_path / "baseline"), str(tmp_path / "gatepro"), "--out", str(tmp_path / "report")]
+    assert evaluate_gatepro[-3:] == ["--gatepro-penalty", "0.0001", "--online"]
+    assert in_loop[-2:] == ["--suite", "olmo-in-loop"] and "--online" not in in_loop
+    assert in_loop_gatepro[-4:] == ["--gatepro-penalty", "0.0001", "--suite", "olmo-in-loop"]
+    folders = [str(tmp_path / "baseline"), str(tmp_path / "gatepro")]
+    assert compare[3:] == ["compare", *folders, "--out", str(tmp_path / "report")]
+    assert compare_in_loop[3:] == ["compare", *folders, "--suite", "olmo-in-loop", "--out", str(tmp_path / "report/olmo-in-loop")]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
 
 
@@ -69,12 +73,15 @@ def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
         assert (report / name).stat().st_size > 0, name
     for name, enabled in (("baseline", False), ("gatepro", True)):
         records = [json.loads(line) for line in (out / name / "gatepro_metrics.jsonl").read_text().splitlines()]
-        assert [record["step"] for record in records] == list(range(1, 9))
+        assert [record["step"] for record in records] == list(range(1, 5))
         assert all(record["gatepro_active"] is enabled for record in records)
         result = json.loads((out / name / "eval_results.json").read_text())
         assert result["limit"] == 2 and result["suite"] == "lm-eval-offline"
-        assert json.loads((out / name / "hf/olmoe_gatepro.json").read_text())["step"] == 8
+        in_loop = json.loads((out / name / "eval_results.olmo-in-loop.json").read_text())
+        assert in_loop["limit"] == 2 and in_loop["suite"] == "olmo-in-loop"
+        assert json.loads((out / name / "hf/olmoe_gatepro.json").read_text())["step"] == 4
     assert "Suite: lm-eval-offline; sample limit: 2." in (report / "table.md").read_text()
+    assert "Suite: olmo-in-loop; sample limit: 2." in (report / "olmo-in-loop/table.md").read_text()
     capsys.readouterr()
     assert main(["reproduce", "--preset", "olmo-core-tiny", "--out", str(out)]) == 0
     finished = capsys.readouterr().out
