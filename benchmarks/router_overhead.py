@@ -20,6 +20,7 @@ from olmo_core.nn.moe.router import MoELinearRouter
 from torch import nn
 
 from olmoe_gatepro import competition_partners, patch_olmo_core
+from olmoe_gatepro.pipelines.selftest import interleaved_seconds
 
 HEADLINE = (2048, 64, 16384)  # d_model, experts, tokens
 
@@ -50,25 +51,6 @@ def step_fn(router: nn.Module):
         (weights.sum() + aux_loss).backward()
 
     return step
-
-
-def time_pair(steps, x, device, repeats: int, warmup: int) -> list[list[float]]:
-    """Seconds per call of each step, ``repeats`` times, alternating which goes first."""
-    for _ in range(warmup):
-        for step in steps:
-            step(x)
-    _sync(device)
-    times: list[list[float]] = [[] for _ in steps]
-    for repeat in range(repeats):
-        order = range(len(steps)) if repeat % 2 == 0 else reversed(range(len(steps)))
-        for i in order:
-            x.grad = None
-            _sync(device)
-            started = time.perf_counter()
-            steps[i](x)
-            _sync(device)
-            times[i].append(time.perf_counter() - started)
-    return times
 
 
 def time_partner_table(weight: torch.Tensor, device: torch.device, repeats: int) -> float:
@@ -105,7 +87,8 @@ def run(args) -> float | None:
                 generator = torch.Generator(device=device).manual_seed(tokens)
                 x = torch.randn(1, tokens, args.d_model, generator=generator, device=device, dtype=dtype)
                 x.requires_grad_(True)
-                stock_s, gatepro_s = time_pair(steps, x, device, args.repeats, args.warmup)
+                calls = [lambda step=step: (setattr(x, "grad", None), step(x)) for step in steps]
+                stock_s, gatepro_s = interleaved_seconds(calls, device, args.repeats, args.warmup)
                 stock_ms, gatepro_ms = 1e3 * statistics.median(stock_s), 1e3 * statistics.median(gatepro_s)
                 ratio = gatepro_ms / stock_ms
                 results[(mode, args.d_model, num_experts, tokens)] = ratio

@@ -18,7 +18,7 @@ import time
 import torch
 
 from olmoe_gatepro import patch_transformers
-from olmoe_gatepro.tiny_run import TinyRunConfig, build_tiny_olmoe
+from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
 
 
 def build_models(args):

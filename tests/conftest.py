@@ -1,6 +1,6 @@
 """Set-up for the whole test session.
 
-Without CUDA, OLMo-core's MoE kernels run through Triton's interpreter (``olmoe_gatepro.olmo_core_cpu``).
+Without CUDA, OLMo-core's MoE kernels run through Triton's interpreter (``olmoe_gatepro.olmo_core.cpu``).
 Triton reads ``TRITON_INTERPRET`` when those kernels are imported, so it is set here, before
 any test imports OLMo-core; subprocesses inherit it.
 """

@@ -9,7 +9,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from olmoe_gatepro import competition_partners, patch_olmo_core
-from olmoe_gatepro.router_state import router_weight_matrix
+from olmoe_gatepro.core.router_state import router_weight_matrix
 
 D_MODEL, EXPERTS, TOP_K, PENALTY = 16, 8, 2, 0.3
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from olmoe_gatepro.config import load_run_config
-from olmoe_gatepro.convert import PROVENANCE_FILE, convert_checkpoint
+from olmoe_gatepro.olmo_core.run_config import load_run_config
+from olmoe_gatepro.olmo_core.convert import PROVENANCE_FILE, convert_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # expert_hidden_size != d_model, so that a transposed expert matrix cannot pass unnoticed.
@@ -25,12 +25,12 @@ SHAPE = ["--model.d_model=32", "--model.expert_hidden_size=48", "--model.n_heads
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(run config, OLMo-core model, step folder) of a random tiny OLMoE saved as OLMo-core saves it."""
-    from olmoe_gatepro.olmo_core_cpu import enable_cpu_moe
+    from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
 
     enable_cpu_moe()
     from olmo_core.distributed.checkpoint import save_model_and_optim_state
 
-    from olmoe_gatepro.olmo_core_train import build_transformer_config
+    from olmoe_gatepro.olmo_core.train import build_transformer_config
 
     folder = tmp_path_factory.mktemp("olmo-core")
     run = load_run_config(str(ROOT / "configs/tiny-test.yaml"), [*SHAPE, f"--train.save_folder={folder}"])
@@ -96,7 +96,7 @@ def test_hf_folder_has_the_published_olmoe_layout(saved, tmp_path):
 
 
 def test_a_wrong_mapping_fails_validation_and_writes_nothing(saved, tmp_path, monkeypatch):
-    import olmoe_gatepro.convert as convert
+    import olmoe_gatepro.olmo_core.convert as convert
 
     run, _, step_dir = saved
     correct = convert.olmo_core_state_to_hf

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from olmoe_gatepro.cli import main
-from olmoe_gatepro.config import load_run_config
-from olmoe_gatepro.data_prep import write_token_files
+from olmoe_gatepro.olmo_core.run_config import load_run_config
+from olmoe_gatepro.pipelines.data_prep import write_token_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_token_file_errors(tmp_path):
 
 def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
     assert main(["prepare-data", *_corpus(tmp_path), "--out", str(tmp_path / "tokens"), "--tokens-per-file", "4000"]) == 0
-    from olmoe_gatepro.olmo_core_train import build_train_components
+    from olmoe_gatepro.olmo_core.train import build_train_components
 
     run = load_run_config(
         str(ROOT / "configs/tiny-test.yaml"),

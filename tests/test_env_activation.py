@@ -41,7 +41,7 @@ def test_pth_hook_is_installed():
 def test_environment_switches_gatepro_on_in_an_unmodified_script(tmp_path):
     import torch
 
-    from reference import reference_gatepro
+    from olmoe_gatepro.core.reference import reference_gatepro
 
     result = _run_script(tmp_path, OLMOE_GATEPRO="1", OLMOE_GATEPRO_PENALTY="0.3")
     assert result.returncode == 0, result.stderr[-3000:]

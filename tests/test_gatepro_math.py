@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from olmoe_gatepro import competition_partners, gatepro_logits
-from reference import reference_gatepro, reference_partners
+from olmoe_gatepro.core.reference import reference_gatepro, reference_partners
 
 
 def _random_case(seed, num_experts=8, dim=16, tokens=32, dtype=torch.float32):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from olmoe_gatepro import gatepro_logits, metrics
+from olmoe_gatepro import gatepro_logits
+from olmoe_gatepro.core import metrics
 
 
 def test_orthogonal_experts():

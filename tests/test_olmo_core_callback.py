@@ -13,11 +13,12 @@ import pytest
 import torch
 from olmo_core.nn.moe.router import MoELinearRouter
 
-from olmoe_gatepro import metrics, unpatch
-from olmoe_gatepro.config import GateProRunConfig
+from olmoe_gatepro import unpatch
+from olmoe_gatepro.core import metrics
+from olmoe_gatepro.olmo_core.run_config import GateProRunConfig
 from olmoe_gatepro.jsonl import read_records as read_metrics_file
-from olmoe_gatepro.olmo_core_callback import GateProCallback
-from reference import reference_gatepro
+from olmoe_gatepro.olmo_core.callback import GateProCallback
+from olmoe_gatepro.core.reference import reference_gatepro
 
 D_MODEL, EXPERTS, TOP_K, PENALTY = 16, 8, 2, 0.3
 TOKENS_PER_STEP = 60  # 3 x 20 tokens

@@ -8,7 +8,7 @@ from olmo_core.nn.moe.router import MoELinearRouter
 from olmo_core.nn.moe.v2.router import MoERouterV2
 
 from olmoe_gatepro import patch_olmo_core, set_gatepro, unpatch
-from reference import reference_gatepro
+from olmoe_gatepro.core.reference import reference_gatepro
 
 D_MODEL, EXPERTS, TOP_K = 16, 8, 2
 PENALTY = 0.3
@@ -162,3 +162,13 @@ def test_fsdp_sharded_router_routes_exactly_as_unsharded(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "rank 0: sharded routing equals unsharded" in result.stdout
     assert "rank 1: sharded routing equals unsharded" in result.stdout
+
+
+def test_a_single_expert_router_works_under_the_class_patch():
+    torch.manual_seed(0)
+    router = MoELinearRouter(d_model=D_MODEL, num_experts=1, top_k=1, lb_loss_weight=LB_WEIGHT, z_loss_weight=Z_WEIGHT)
+    x = torch.randn(2, 5, D_MODEL)
+    expected = router(x)
+    patch_olmo_core(penalty=PENALTY)  # class-wide: GatePro has no competitor to compare here
+    for got, want in zip(router(x), expected):
+        assert torch.equal(got, want)

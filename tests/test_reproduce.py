@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 
@@ -10,33 +11,50 @@ def _run(out):
     assert main(["reproduce", "--preset", "tiny", "--out", str(out)]) == 0
 
 
-def test_reproduce_end_to_end_is_deterministic(tmp_path, capsys):
-    _run(tmp_path / "a")
-    assert f"report: {tmp_path / 'a' / 'report'}" in capsys.readouterr().out
-    report = tmp_path / "a" / "report"
-    for name in ("table.md", "table.csv", "zero_token_count.png", "diversity.png", "settings.json"):
-        assert (report / name).stat().st_size > 0, name
-    for model in ("baseline", "gatepro"):
-        assert (tmp_path / "a" / model / "checkpoint" / "config.json").exists()
-        assert (tmp_path / "a" / model / "gatepro_metrics.jsonl").read_text().count("\n") == 2
-    result = json.loads((tmp_path / "a" / "gatepro" / "eval_results.json").read_text())
-    assert result["gatepro"]["penalty"] == 0.05 and result["limit"] == 1
-    assert json.loads((tmp_path / "a" / "baseline" / "eval_results.json").read_text())["gatepro"] is None
-    _run(tmp_path / "b")
-    assert (tmp_path / "b" / "report" / "table.md").read_text() == report.joinpath("table.md").read_text()
-
-
-def test_rerun_continues_where_it_stopped(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One whole tiny pipeline, shared by the tests that read it (they copy it before changing it)."""
+    out = tmp_path_factory.mktemp("reproduce") / "a"
     _run(out)
-    kept = out / "baseline" / "eval_results.json"
+    return out
+
+
+def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
+    report = first_run / "report"
+    for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "zero_token_count.png", "diversity.png",
+                 "settings.json"):
+        assert (report / name).stat().st_size > 0, name
+    for model in ("baseline-seed0", "baseline-seed1", "gatepro-seed0", "gatepro-seed1"):
+        assert (first_run / model / "checkpoint" / "config.json").exists()
+        assert (first_run / model / "gatepro_metrics.jsonl").read_text().count("\n") == 2
+        assert (first_run / model / "samples.lm-eval.jsonl").exists()
+    result = json.loads((first_run / "gatepro-seed1" / "eval_results.json").read_text())
+    assert result["gatepro"]["penalty"] == 0.05 and result["limit"] == 2 and set(result["tasks"]) == {"arc_challenge", "copa"}
+    assert json.loads((first_run / "baseline-seed0" / "eval_results.json").read_text())["gatepro"] is None
+    table = (report / "table.md").read_text()
+    assert "**gatepro** vs baseline:" in table and "(2 seeds)" in table  # the verdict, groups of seeds
+    assert "| gatepro | on, lambda 0.05 | " in table and "| baseline | off | " in table  # routing per layer
+    comparison = json.loads((report / "comparison.json").read_text())
+    assert [row["label"] for row in comparison["rows"]] == ["baseline", "gatepro"]
+    assert all(row["paired"] and len(row["runs"]) == 2 for row in comparison["rows"])
+    assert comparison["rows"][1]["columns"]["avg"]["seed_spread"] is not None
+    _run(tmp_path / "b")
+    assert f"report: {tmp_path / 'b' / 'report'}" in capsys.readouterr().out
+    for name in ("table.md", "table.csv", "comparison.json", "deltas.png"):  # identical, byte for byte
+        assert (tmp_path / "b" / "report" / name).read_bytes() == report.joinpath(name).read_bytes(), name
+
+
+def test_rerun_continues_where_it_stopped(first_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out, ignore=shutil.ignore_patterns(".reproduce.lock"))
+    kept = out / "baseline-seed0" / "eval_results.json"
     kept_mtime = os.stat(kept).st_mtime_ns
-    checkpoint_mtime = os.stat(out / "gatepro" / "checkpoint" / "config.json").st_mtime_ns
-    os.remove(out / "gatepro" / "eval_results.json")  # as if interrupted during the last evaluation
+    checkpoint_mtime = os.stat(out / "gatepro-seed1" / "checkpoint" / "config.json").st_mtime_ns
+    os.remove(out / "gatepro-seed1" / "eval_results.json")  # as if interrupted during the last evaluation
     _run(out)
     assert os.stat(kept).st_mtime_ns == kept_mtime  # finished work is not redone
-    assert os.stat(out / "gatepro" / "checkpoint" / "config.json").st_mtime_ns == checkpoint_mtime
-    assert (out / "gatepro" / "eval_results.json").exists()
+    assert os.stat(out / "gatepro-seed1" / "checkpoint" / "config.json").st_mtime_ns == checkpoint_mtime
+    assert (out / "gatepro-seed1" / "eval_results.json").exists()
 
 
 def test_refuses_a_folder_of_another_preset(tmp_path, capsys):

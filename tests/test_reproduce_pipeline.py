@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from olmoe_gatepro.cli import main
-from olmoe_gatepro.reproduce import pipeline_stages
+from olmoe_gatepro.pipelines.reproduce import pipeline_stages
 
 
 def _dry_run(capsys, *args) -> list[str]:
@@ -56,9 +56,12 @@ def test_400b_dry_run_marks_finished_stages_and_takes_a_launcher(tmp_path, capsy
 
 def test_pipeline_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
-        main(["reproduce", "--preset", "olmoe-1b-7b-400b", "--dry-run", "--out", str(tmp_path), "--gatepro.penalty=-1"])
+        main(["reproduce", "--preset", "olmoe-1b-7b-400b", "--dry-run", "--out", str(tmp_path), "--optim.lr=-1"])
     assert error.value.code == 2
     assert "baseline.yaml with overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:  # GatePro overrides would reach the baseline too
+        main(["reproduce", "--preset", "olmoe-1b-7b-400b", "--dry-run", "--out", str(tmp_path), "--gatepro.penalty=1"])
+    assert error.value.code == 2 and "the gatepro section would change the baseline too" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["reproduce", "--preset", "smoke", "--dry-run"])
     assert "runs in this process" in capsys.readouterr().err

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from olmoe_gatepro.config import ConfigError, GateProRunConfig, load_run_config
+from olmoe_gatepro.olmo_core.run_config import ConfigError, GateProRunConfig, load_run_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
@@ -42,7 +42,7 @@ def test_schedule_boundaries():
 
 
 def test_full_size_model_from_yaml_matches_olmoe_1b_7b_parameter_counts():
-    from olmoe_gatepro.olmo_core_train import build_transformer_config
+    from olmoe_gatepro.olmo_core.train import build_transformer_config
 
     model_config = build_transformer_config(load_run_config(str(CONFIGS / "olmoe-1b-7b/gatepro.yaml")).model)
     model = model_config.build(init_device="meta")
@@ -72,7 +72,7 @@ def _write(tmp_path, text, name="run.yaml"):
         ("name: x\ngatepro: {enabled: yes please}\n", "gatepro.enabled: expected true or false"),
         ("name: x\noptim: {betas: [0.9]}\n", "optim.betas: expected 2 items"),
         ("name: x\ntrain: {precision: fp8}\n", "precision must be one of"),
-        ("model: {}\n", "top level: .*name"),
+        ("model: {}\n", "missing required key 'name'"),
         ("name: x\nmodel: [1, 2]\n", "model: expected a mapping"),
         ("name: [unclosed\n", "not valid YAML"),
     ],

@@ -2,7 +2,7 @@ import csv
 import json
 
 from olmoe_gatepro import cli
-from olmoe_gatepro.study import PRESETS, SUMMARY_COLUMNS, activation_step, run_study
+from olmoe_gatepro.pipelines.study import PRESETS, SUMMARY_COLUMNS, activation_step, run_study
 
 
 def test_minimal_study_writes_the_report_and_is_deterministic(tmp_path):
@@ -51,7 +51,7 @@ def test_gpu_preset_refuses_without_cuda(capsys):
 
 
 def test_stdlib_corpus_is_large_and_bytes():
-    from olmoe_gatepro.tiny_run import corpus_tokens
+    from olmoe_gatepro.pipelines.tiny_run import corpus_tokens
 
     tokens = corpus_tokens("stdlib")
     assert tokens.numel() > 5_000_000 and int(tokens.max()) < 256

@@ -7,10 +7,10 @@ import torch
 
 import olmoe_gatepro
 from olmoe_gatepro import gatepro_settings, patch_transformers, set_gatepro, unpatch
-from olmoe_gatepro.tiny_run import TinyRunConfig, build_tiny_olmoe
+from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
 from olmoe_gatepro import refresh_partners
-from olmoe_gatepro.transformers_patch import olmoe_routers
-from reference import reference_gatepro
+from olmoe_gatepro.transformers.patch import olmoe_routers
+from olmoe_gatepro.core.reference import reference_gatepro
 
 TINY = TinyRunConfig(hidden_size=32, num_layers=3, num_heads=2, num_experts=8, top_k=2, expert_hidden_size=16)
 PENALTY = 0.05  # large enough to flip choices in a random tiny model, so the tests can fail
@@ -153,10 +153,15 @@ def test_bf16_model_routes_in_float32():
     patch_transformers(model=model, penalty=1e-4)
     seen, output = _record_routing(model, _tokens())
     for router, (hidden, (logits, weights, chosen)) in zip(olmoe_routers(model), seen):
-        assert logits.dtype == torch.float32 and weights.dtype == torch.bfloat16
+        assert logits.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16  # stock's dtypes
         raw = torch.nn.functional.linear(hidden, router.weight)
-        torch.testing.assert_close(logits, reference_gatepro(raw, router.weight, 1e-4), rtol=0, atol=0)
-        assert (logits != raw.float()).any()  # 1e-4 survived although the model is bf16
+        penalised = reference_gatepro(raw, router.weight, 1e-4)  # float32: 1e-4 survives
+        assert (penalised != raw.float()).any()
+        probs = torch.softmax(penalised, -1)
+        assert torch.equal(chosen, probs.topk(TINY.top_k, -1).indices)  # chosen in float32
+        torch.testing.assert_close(weights, probs.topk(TINY.top_k, -1).values.to(torch.bfloat16), rtol=0, atol=0)
+        # the returned logits are the penalised ones at bf16's precision (within one bf16 rounding)
+        torch.testing.assert_close(logits.float(), penalised, rtol=2**-8, atol=1e-5)
     assert torch.isfinite(output.logits).all()
 
 
@@ -233,3 +238,47 @@ def test_unpatch_after_class_patch_and_hot_swap_leaves_no_gatepro_state():
     unpatch()
     assert all(not hasattr(router, "_gatepro") for router in olmoe_routers(model))
     assert torch.equal(_record_routing(model, _tokens())[1].logits, stock_logits)
+
+
+def _loss_and_grads(model, input_ids):
+    """Language-model loss, auxiliary loss and every parameter's gradient of one training step."""
+    model.zero_grad(set_to_none=True)
+    output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+    output.loss.backward()
+    return output.loss.detach(), output.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_penalty_zero_is_stock_bit_for_bit(dtype):
+    """With GatePro on at lambda = 0, loss, aux loss and gradients are stock's exactly, in every dtype."""
+    tokens = _tokens(seed=5)
+    stock = _loss_and_grads(_model(seed=4, dtype=dtype).train(), tokens)
+    patched_model = _model(seed=4, dtype=dtype).train()
+    patch_transformers(model=patched_model, penalty=0.0)
+    patched = _loss_and_grads(patched_model, tokens)
+    assert torch.equal(stock[0], patched[0]) and torch.equal(stock[1], patched[1])
+    for name, grad in stock[2].items():
+        assert grad.dtype == patched[2][name].dtype and torch.equal(grad, patched[2][name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_outputs_keep_stock_dtypes(dtype):
+    model = _model(dtype=dtype)
+    patch_transformers(model=model, penalty=PENALTY)
+    router = olmoe_routers(model)[0]
+    logits, weights, index = router(torch.randn(6, TINY.hidden_size, dtype=dtype))
+    assert logits.dtype == dtype and weights.dtype == dtype and index.dtype == torch.int64
+
+
+def test_a_single_expert_model_works_under_the_class_patch():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(vocab_size=256, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, num_experts=1, num_experts_per_tok=1, pad_token_id=None,
+                         bos_token_id=None, eos_token_id=None)
+    model = OlmoeForCausalLM(config).eval()
+    tokens = _tokens()
+    expected = model(tokens).logits
+    patch_transformers(penalty=PENALTY)
+    assert torch.equal(model(tokens).logits, expected)  # nothing to compete with: stock routing

@@ -4,12 +4,14 @@
 already built and built later, routes with GatePro; ``patch_transformers(model=m)`` patches only
 the routers of ``m``. ``unpatch_transformers()`` restores the stock forward everywhere.
 
-The patched router returns, like the stock one, ``(router_logits, top_k_weights, top_k_index)``:
-``router_logits`` are the penalised float32 logits, so what transformers records for the
-load-balancing loss and ``output_router_logits`` agrees with the experts chosen; the weights
-are softmax over all N penalised logits, then top-k (renormalised only where the config says
-``norm_topk_prob``), in the hidden states' dtype as stock. With GatePro disabled the stock
-forward runs unchanged.
+The patched router returns, like the stock one, ``(router_logits, top_k_weights, top_k_index)``
+in the stock dtypes: the choice and the weights come from the penalised logits in float32
+(softmax over all N, then top-k, renormalised only where the config says ``norm_topk_prob``);
+``router_logits`` are those penalised logits cast back to the model's dtype, as stock returns
+them, so what transformers records for the load-balancing loss and ``output_router_logits``
+agrees with the experts chosen (in a bf16 model a penalty below bf16's spacing is chosen with
+but does not survive that cast, exactly as stock precision would have it). With GatePro
+disabled, or a router with a single expert, the stock forward runs unchanged.
 """
 
 import types
@@ -18,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmoe_gatepro.config import GateProConfig
-from olmoe_gatepro.router_state import (
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
-    penalised_logits,
     refresh_partners,
+    route,
     routers_with_instance_state,
     set_instance_settings,
     strip_instance_state,
 )
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "patch_transformers", "unpatch_transformers", "olmoe_routers"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "patch_transformers", "unpatch_transformers", "olmoe_routers", "class_gatepro"]
 
 SUPPORTED_TRANSFORMERS = ">=5.23,<6"
 _stock_forward = None
@@ -50,16 +52,28 @@ def _router_class() -> type:
 
 
 def _gatepro_router_forward(self, hidden_states: torch.Tensor):
-    if not getattr(self, SETTINGS_ATTR).enabled:
+    if not getattr(self, SETTINGS_ATTR).enabled or self.num_experts < 2:
         return _stock_forward(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     raw_logits = F.linear(hidden_states, self.weight)
-    router_logits = penalised_logits(self, raw_logits)
-    router_probs = F.softmax(router_logits, dim=-1)
+    routed = route(self, raw_logits)  # float32
+    router_probs = F.softmax(routed, dim=-1)
     top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
     if self.norm_topk_prob:
         top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    router_logits = routed
+    if raw_logits.dtype != routed.dtype:
+        # Branch off the raw logits, as stock's are, so that the gradients of the auxiliary loss
+        # and of the softmax meet in the model's dtype, where stock sums them; the penalty is a
+        # detached constant.
+        router_logits = raw_logits - (raw_logits.float() - routed).detach().to(raw_logits.dtype)
     return router_logits, top_k_weights.to(raw_logits.dtype), top_k_index
+
+
+def class_gatepro() -> GateProConfig | None:
+    """The class-wide settings in force (``patch_transformers()`` or ``OLMOE_GATEPRO=1``), else None."""
+    router_class = _router_class()  # importing it runs the environment hook, if one is installed
+    return router_class.__dict__.get(SETTINGS_ATTR)
 
 
 def olmoe_routers(model: nn.Module) -> list[nn.Module]:

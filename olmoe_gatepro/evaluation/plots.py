@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_zero_token_curves", "plot_diversity_curves"]
+__all__ = ["plot_zero_token_curves", "plot_diversity_curves", "plot_deltas"]
 
 DIVERSITY_METRICS = (
     ("avg_cosine_similarity", "average cosine similarity"),
@@ -108,4 +108,37 @@ def plot_diversity_curves(runs: list[dict], path: str) -> None:
             axis.set_xlabel("step")
     _legend(figure, axes[0][0])
     figure.suptitle("Gate similarity" + _seeds_note(runs))
+    _save(figure, path)
+
+
+def plot_deltas(comparison: dict, path: str) -> None:
+    """A forest plot of ``compare``'s result: per column, each row's delta with its 95% interval.
+
+    The zero line is marked; an effect (``significant``) is drawn filled, the rest hollow. For
+    groups of seeds a grey band around zero spans 1.96 times the seed spread of the difference:
+    the run-to-run noise an effect must clear.
+    """
+    from olmoe_gatepro.evaluation.results import TASK_TITLES
+
+    columns, rows = comparison["columns"], comparison["rows"][1:]
+    figure, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 0.9 + 0.45 * len(rows)),
+                                squeeze=False, sharey=True, constrained_layout=True)
+    positions = list(range(len(rows)))[::-1]
+    for axis, column in zip(axes[0], columns):
+        for y, row in zip(positions, rows):
+            entry = row["columns"][column]
+            low, high = entry["ci95_low"], entry["ci95_high"]
+            if entry.get("seed_spread") is not None:
+                noise = 1.96 * entry["seed_spread"]
+                axis.fill_betweenx([y - 0.3, y + 0.3], -noise, noise, color="0.85", linewidth=0)
+            axis.plot([low, high], [y, y], color="tab:blue", linewidth=2)
+            axis.plot([entry["delta"]], [y], marker="o", color="tab:blue",
+                      markerfacecolor="tab:blue" if entry["significant"] else "white")
+        axis.axvline(0.0, color="black", linewidth=0.8)
+        axis.set_title(TASK_TITLES[column])
+        axis.set_xlabel("Δ points")
+    axes[0][0].set_yticks(positions, [row["label"] for row in rows])
+    axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
+    figure.suptitle(f"Difference to {comparison['baseline']} with 95% interval (filled: an effect; "
+                    "grey: seed noise, 1.96 x seed spread)")
     _save(figure, path)

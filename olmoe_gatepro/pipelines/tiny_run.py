@@ -2,14 +2,22 @@
 
 The corpus is built locally with no network: the UTF-8 bytes of the source of a fixed list of
 Python standard-library modules, tokenised byte by byte (vocabulary 256), so a step costs
-little and the run is deterministic for a seed on a given Python. Both runs start from the
-same initial weights and see the same batches; only the GatePro setting differs.
+little. Both runs start from the same initial weights and see the same batches; only the
+GatePro setting differs.
+
+Determinism: on the CPU, training runs inside ``deterministic_cpu()``: one intra-op thread and
+torch's deterministic algorithms. torch's CPU kernels sum in an order that depends on the
+thread count, so two runs with different thread counts (or on machines with other core counts)
+drift apart within tens of steps; with one thread, the same seed gives bit-identical weights
+in every process on a given machine and software stack, whatever the environment says.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import importlib
 import json
+import math
 import os
 import sysconfig
 import time
@@ -18,15 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from olmoe_gatepro import metrics
-from olmoe_gatepro.config import GateProConfig
-from olmoe_gatepro.data_prep import byte_tokenizer
+from olmoe_gatepro.core import metrics
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.pipelines.data_prep import byte_tokenizer
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.router_state import refresh_partners
-from olmoe_gatepro.transformers_patch import olmoe_routers, patch_transformers
+from olmoe_gatepro.core.router_state import refresh_partners
+from olmoe_gatepro.transformers.patch import olmoe_routers, patch_transformers
 
 __all__ = [
     "TinyRunConfig",
+    "deterministic_cpu",
     "corpus_tokens",
     "build_tiny_olmoe",
     "save_checkpoint",
@@ -35,6 +44,7 @@ __all__ = [
     "format_comparison",
 ]
 
+CORPORA = ("small", "stdlib")
 HELD_OUT_SEED = 1234  # the held-out batch is the same for every run and seed
 CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
 LAYER_METRICS = (
@@ -66,6 +76,42 @@ class TinyRunConfig:
     log_every: int = 10
     device: str = "cpu"
     corpus: str = "small"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "expert_hidden_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2; got {self.seq_len}")
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2 for GatePro; got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must lie in [1, num_experts = {self.num_experts}]; got {self.top_k}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate}")
+        if not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be finite and >= 0; got {self.router_aux_loss_coef}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}; got {self.corpus!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N]; got {self.device!r}")
+
+
+@contextlib.contextmanager
+def deterministic_cpu():
+    """Inside the block: one intra-op thread and torch's deterministic algorithms; restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def corpus_tokens(corpus: str = "small") -> torch.Tensor:
@@ -178,8 +224,15 @@ def train_tiny(
 
     ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
     other settings of ``gatepro`` would change in the baseline's routing. With
-    ``checkpoint_dir`` the trained model is saved there (stock keys, byte tokenizer).
+    ``checkpoint_dir`` the trained model is saved there (stock keys, byte tokenizer). On the
+    CPU it runs inside ``deterministic_cpu()``.
     """
+    context = deterministic_cpu() if torch.device(config.device).type == "cpu" else contextlib.nullcontext()
+    with context:
+        return _train(config, gatepro, tokens, progress, checkpoint_dir)
+
+
+def _train(config, gatepro, tokens, progress, checkpoint_dir) -> list[dict]:
     device = torch.device(config.device)
     model = build_tiny_olmoe(config).to(device)
     patch_transformers(model=model, config=gatepro)

@@ -13,9 +13,11 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from olmoe_gatepro.config import ModelConfig, RunConfig
+from olmoe_gatepro.olmo_core.run_config import ModelConfig, RunConfig
 
-__all__ = ["build_transformer_config", "build_train_components", "train", "TrainComponents"]
+__all__ = ["RUN_CONFIG_FILE", "build_transformer_config", "build_train_components", "train", "TrainComponents"]
+
+RUN_CONFIG_FILE = "run_config.json"  # the resolved RunConfig, written into the save folder; convert reads it
 
 
 class TrainComponents(NamedTuple):
@@ -65,7 +67,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
     from olmo_core.train.train_module import TransformerTrainModuleConfig
     from olmo_core.train.train_module.transformer.config import TransformerDataParallelConfig
 
-    from olmoe_gatepro.olmo_core_callback import GateProCallback
+    from olmoe_gatepro.olmo_core.callback import GateProCallback
 
     train, optim = run.train, run.optim
     work_dir = work_dir or os.path.join(train.save_folder, "work")
@@ -128,14 +130,13 @@ def train(run: RunConfig) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        from olmoe_gatepro.olmo_core_cpu import enable_cpu_moe
+        from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
 
         enable_cpu_moe()
     from olmo_core.distributed.utils import get_rank
     from olmo_core.train import prepare_training_environment, teardown_training_environment
     from olmo_core.utils import seed_all
 
-    from olmoe_gatepro.convert import RUN_CONFIG_FILE
     from olmoe_gatepro.jsonl import write_text_atomically
 
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"

@@ -18,9 +18,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from olmoe_gatepro.config import GateProConfig
+from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.jsonl import append_record, repair, write_text_atomically
-from olmoe_gatepro.tiny_run import LAYER_METRICS, TinyRunConfig, corpus_tokens, train_tiny
+from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, TinyRunConfig, corpus_tokens, train_tiny
 
 __all__ = ["StudySetting", "PRESETS", "run_study", "summarise", "activation_step"]
 
@@ -226,7 +226,7 @@ def write_report(results: list[dict], out_dir: str) -> None:
         writer.writerows(rows)
     os.replace(partial, os.path.join(out_dir, "summary.csv"))
     write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
-    from olmoe_gatepro.plots import plot_diversity_curves, plot_zero_token_curves
+    from olmoe_gatepro.evaluation.plots import plot_diversity_curves, plot_zero_token_curves
 
     plot_zero_token_curves(results, os.path.join(out_dir, "zero_token_count.png"))
     plot_diversity_curves(results, os.path.join(out_dir, "diversity.png"))

@@ -1,4 +1,4 @@
-"""Config schema: GatePro's router settings, and training runs read strictly from YAML."""
+"""The run config of an OLMo-core training, read strictly from YAML (``configs/``)."""
 
 import dataclasses
 import math
@@ -7,8 +7,9 @@ import types
 import typing
 from dataclasses import dataclass
 
+from olmoe_gatepro.core.config import GateProConfig
+
 __all__ = [
-    "GateProConfig",
     "GateProRunConfig",
     "ModelConfig",
     "OptimConfig",
@@ -18,55 +19,6 @@ __all__ = [
     "ConfigError",
     "load_run_config",
 ]
-
-
-@dataclass(frozen=True)
-class GateProConfig:
-    """How a router applies GatePro. The defaults are the paper's method.
-
-    Attributes:
-        enabled: route with GatePro; False routes exactly as the stock router.
-        penalty: lambda, subtracted from a losing expert's logit (paper: 1e-4).
-        num_competitors: m, each expert competes against its m most similar experts
-            (paper: 1; m > 1 is the paper's open question 2).
-        hard: a loser is never chosen (its logit becomes -inf); ``penalty`` is then unused.
-        partner_refresh_steps: None recomputes the partner table in every forward (paper);
-            k > 0 caches it and recomputes it every k optimizer steps, through
-            ``refresh_partners`` called once per step by the training loop.
-    """
-
-    enabled: bool = True
-    penalty: float = 1e-4
-    num_competitors: int = 1
-    hard: bool = False
-    partner_refresh_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("enabled", "hard"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GateProConfig.{name} must be a bool; got {getattr(self, name)!r}")
-        if isinstance(self.penalty, bool) or not isinstance(self.penalty, (int, float)):
-            raise ValueError(f"GateProConfig.penalty must be a number; got {self.penalty!r}")
-        if not math.isfinite(self.penalty) or self.penalty < 0:
-            raise ValueError(f"GateProConfig.penalty must be finite and >= 0; got {self.penalty!r}")
-        object.__setattr__(self, "penalty", float(self.penalty))
-        if isinstance(self.num_competitors, bool) or not isinstance(self.num_competitors, int) or self.num_competitors < 1:
-            raise ValueError(
-                f"GateProConfig.num_competitors must be an int >= 1; got {self.num_competitors!r}"
-            )
-        refresh = self.partner_refresh_steps
-        if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
-            raise ValueError(
-                f"GateProConfig.partner_refresh_steps must be None or an int >= 1; got {refresh!r}"
-            )
-
-    def replace(self, **changes) -> "GateProConfig":
-        """A copy with ``changes`` applied and validated; an unknown name is a ValueError."""
-        known = {field.name for field in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown GatePro setting(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **changes)
 
 
 class ConfigError(ValueError):
@@ -153,6 +105,7 @@ class ModelConfig:
         for name in ("lb_loss_weight", "z_loss_weight"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
         _check(self.init_std > 0, f"init_std must be > 0; got {self.init_std}")
+        _check(self.rope_theta >= 1, f"rope_theta must be >= 1; got {self.rope_theta}")
         _check(self.block in BLOCKS, f"block must be one of {BLOCKS}; got {self.block!r}")
 
 
@@ -208,6 +161,9 @@ class TrainConfig:
                f"micro_batch_sequences ({self.micro_batch_sequences})")
         _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}")
         _check(self.sharding in SHARDINGS, f"sharding must be one of {SHARDINGS}; got {self.sharding!r}")
+        _check(self.hsdp_shard_degree is None or self.hsdp_shard_degree >= 1,
+               f"hsdp_shard_degree must be >= 1; got {self.hsdp_shard_degree}")
+        _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2^32); got {self.seed}")
         _check((self.hsdp_shard_degree is not None) == (self.sharding == "hsdp"),
                f"hsdp_shard_degree is needed with sharding 'hsdp' and only then; got {self.hsdp_shard_degree!r}")
 
@@ -233,6 +189,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.token_dtype in ("uint16", "uint32"), f"token_dtype must be uint16 or uint32; got {self.token_dtype!r}")
+        _check(self.num_workers >= 0, f"num_workers must be >= 0; got {self.num_workers}")
+        for name in ("eos_token_id", "pad_token_id"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        _check(bool(self.tokenizer.strip()), "tokenizer must name a tokenizer; got an empty string")
 
 
 @dataclass(frozen=True)
@@ -250,6 +210,10 @@ class RunConfig:
         _check(self.gatepro.num_competitors < self.model.num_experts,
                f"gatepro.num_competitors ({self.gatepro.num_competitors}) must be < model.num_experts "
                f"({self.model.num_experts})")
+        for name in ("eos_token_id", "pad_token_id"):
+            _check(getattr(self.data, name) < self.model.vocab_size,
+                   f"data.{name} ({getattr(self.data, name)}) must be < model.vocab_size ({self.model.vocab_size})")
+        _check(bool(self.name.strip()), "name must be a non-empty string")
         _check(self.data.token_dtype == "uint32" or self.model.embedding_size <= 65536,
                f"data.token_dtype uint16 cannot hold token ids of embedding_size {self.model.embedding_size}")
 
@@ -284,11 +248,11 @@ def _coerce(kind, value, where: str):
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -306,6 +270,11 @@ def _from_mapping(cls, data, where: str):
     if unknown:
         key = f"{where}.{unknown[0]}".lstrip(".")
         raise ConfigError(f"unknown key {key!r}; known keys here: {', '.join(known)}")
+    required = [field.name for field in dataclasses.fields(cls)
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing required key {f'{where}.{missing[0]}'.lstrip('.')!r}")
     values = {name: _coerce(hints[name], value, f"{where}.{name}".lstrip(".")) for name, value in data.items()}
     try:
         return cls(**values)
@@ -313,8 +282,12 @@ def _from_mapping(cls, data, where: str):
         raise ConfigError(f"{where or 'top level'}: {error}") from None
 
 
-def _read_yaml(path: str) -> dict:
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """The mapping of ``path`` with its ``inherit:`` chain merged in; ``chain`` holds the files inheriting it."""
     import yaml
+
+    if os.path.realpath(path) in map(os.path.realpath, chain):
+        raise ConfigError(f"{chain[-1]}: inherit: {path!r} makes a cycle: {' -> '.join((*chain, path))}")
 
     try:
         with open(path) as file:
@@ -325,11 +298,15 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
-    inherit = data.pop("inherit", None)
-    if inherit is None:
+    if "inherit" not in data:
         return data
-    base = _read_yaml(os.path.join(os.path.dirname(path), inherit))
-    return _merge(base, data)
+    inherit = data.pop("inherit")
+    if not isinstance(inherit, str) or not inherit.strip():
+        raise ConfigError(f"{path}: inherit: expected the path of another config file; got {inherit!r}")
+    base_path = os.path.join(os.path.dirname(path), inherit)
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: inherit: {inherit!r} not found (looked for {base_path})")
+    return _merge(_read_yaml(base_path, (*chain, path)), data)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -355,7 +332,11 @@ def _apply_override(data: dict, override: str) -> None:
         if part not in fields:
             raise ConfigError(f"override --{key}={text}: unknown key {'.'.join(parts[: depth + 1])!r}")
         if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(text)
+            try:
+                node[part] = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ConfigError(f"override --{key}={text}: the value is not valid YAML ({problem})") from None
             return
         cls = typing.get_type_hints(cls)[part]
         if not dataclasses.is_dataclass(cls):

@@ -11,7 +11,8 @@ tensor per expert, the layout of the published ``allenai/OLMoE-1B-7B-0924`` file
 Validation (on by default): the OLMo-core model and the converted HF model score the same
 random tokens with stock routing, in float32, and the largest logit difference must stay under
 ``tolerance`` times the largest logit (at least 1). The folder is written as ``<out>.partial``
-and renamed only when complete and validated, so ``<out>`` is never half-written.
+and renamed only when complete and validated, so ``<out>`` is never half-written; a
+``<out>.partial`` that this converter did not create is never touched.
 """
 
 import dataclasses
@@ -23,15 +24,16 @@ import tempfile
 
 import torch
 
-from olmoe_gatepro.config import RunConfig, load_run_config
+from olmoe_gatepro.olmo_core.run_config import RunConfig, load_run_config
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.olmo_core_cpu import enable_cpu_moe
+from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
+from olmoe_gatepro.olmo_core.train import RUN_CONFIG_FILE, build_transformer_config
 from olmoe_gatepro.provenance import git_revision, package_versions
 
-__all__ = ["RUN_CONFIG_FILE", "PROVENANCE_FILE", "find_checkpoint", "olmoe_hf_config", "convert_checkpoint"]
+__all__ = ["PROVENANCE_FILE", "find_checkpoint", "olmoe_hf_config", "convert_checkpoint"]
 
-RUN_CONFIG_FILE = "run_config.json"  # written by olmo_core_train.train into the save folder
 PROVENANCE_FILE = "olmoe_gatepro.json"
+PARTIAL_MARKER = ".olmoe-gatepro-convert"  # marks <out>.partial as ours: safe to replace after an interruption
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -131,8 +133,6 @@ def _device() -> torch.device:
 def _load_olmo_core_model(run: RunConfig, step_dir: str):
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
 
-    from olmoe_gatepro.olmo_core_train import build_transformer_config
-
     config = build_transformer_config(run.model)
     model = config.build(init_device="meta")
     model.to_empty(device=_device())
@@ -145,7 +145,7 @@ def _stock_routing(model):
     """GatePro off inside the block when ``model`` has GatePro-routed routers (else a no-op)."""
     import contextlib
 
-    from olmoe_gatepro.router_state import SETTINGS_ATTR, gatepro_settings
+    from olmoe_gatepro.core.router_state import SETTINGS_ATTR, gatepro_settings
 
     if any(hasattr(module, SETTINGS_ATTR) for module in model.modules()):
         return gatepro_settings(model, enabled=False)
@@ -181,12 +181,16 @@ def convert_checkpoint(
     """
     from huggingface_hub import save_torch_state_dict
 
-    from olmoe_gatepro.data_prep import hf_tokenizer
+    from olmoe_gatepro.pipelines.data_prep import hf_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another output folder")
+    partial = f"{out_dir}.partial"
+    if os.path.exists(partial) and not os.path.exists(os.path.join(partial, PARTIAL_MARKER)):
+        raise FileExistsError(f"{partial} exists and was not left by olmoe-gatepro convert; "
+                              "move it away or choose another --out")
     if not torch.cuda.is_available():  # before OLMo-core's MoE code is imported
         enable_cpu_moe()
     step_dir, step = find_checkpoint(checkpoint)
@@ -204,9 +208,9 @@ def convert_checkpoint(
             parameter.data = parameter.data.to(DTYPES[dtype]).float()
     state = {key: value.to("cpu", DTYPES[dtype]) for key, value in model.state_dict().items()}
 
-    partial = f"{out_dir}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)  # only ever an interrupted conversion's own leftovers (checked above)
     os.makedirs(partial)
+    write_text_atomically(os.path.join(partial, PARTIAL_MARKER), "")
     save_torch_state_dict(olmo_core_state_to_hf(state, run), partial, max_shard_size="5GB")
     hf_config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -231,5 +235,6 @@ def convert_checkpoint(
                 f"(largest logit {scale:.3g}, tolerance {tolerance:g} x max(1, largest)); nothing written"
             )
     write_text_atomically(os.path.join(partial, PROVENANCE_FILE), json.dumps(record, indent=2))
+    os.remove(os.path.join(partial, PARTIAL_MARKER))
     os.replace(partial, out_dir)
     return record

@@ -17,8 +17,8 @@ import types
 
 from torch import nn
 
-from olmoe_gatepro.config import GateProConfig
-from olmoe_gatepro.router_state import (
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
     refresh_partners,
     route,

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from olmo_core.train.callbacks import Callback
 
-from olmoe_gatepro import metrics
-from olmoe_gatepro.config import GateProRunConfig
+from olmoe_gatepro.core import metrics
+from olmoe_gatepro.olmo_core.run_config import GateProRunConfig
 from olmoe_gatepro.jsonl import append_record, read_records, rewrite_records
-from olmoe_gatepro.olmo_core_patch import patch_olmo_core
-from olmoe_gatepro.router_state import (
+from olmoe_gatepro.olmo_core.patch import patch_olmo_core
+from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
     gatepro_routers,
     refresh_partners,

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from olmoe_gatepro.config import GateProConfig
-from olmoe_gatepro.gatepro import competition_partners, gatepro_logits
-from olmoe_gatepro.metrics import tokens_per_expert, topk_set_changed
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.core.metrics import tokens_per_expert, topk_set_changed
 
 __all__ = [
     "SETTINGS_ATTR",
@@ -72,11 +72,14 @@ def penalised_logits(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 
 def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """The logits the router should route with: penalised when its GatePro is enabled.
+    """The logits the router should route with: penalised (float32) when its GatePro is enabled.
 
-    While a recording tensor is attached (``start_recording``), also accumulates, without any
-    host sync, tokens per chosen expert and how many tokens' top-k set the penalty changes.
+    A router with a single expert has no competitor and routes unchanged. While a recording
+    tensor is attached (``start_recording``), also accumulates, without any host sync, tokens
+    per chosen expert and how many tokens' top-k set the penalty changes.
     """
+    if router.num_experts < 2:
+        return logits
     settings: GateProConfig = getattr(router, SETTINGS_ATTR)
     routed = penalised_logits(router, logits) if settings.enabled else logits
     record = router.__dict__.get(RECORD_ATTR)

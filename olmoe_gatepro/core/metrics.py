@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from olmoe_gatepro.gatepro import gatepro_logits
+from olmoe_gatepro.core.gatepro import gatepro_logits
 
 __all__ = [
     "cosine_similarity_matrix",

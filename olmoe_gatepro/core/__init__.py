@@ -1,0 +1,1 @@
+"""GatePro itself: the math, its settings, per-router state and the routing metrics (torch only)."""

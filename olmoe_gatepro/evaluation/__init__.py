@@ -1,0 +1,1 @@
+"""Evaluation suites (lm-eval, OLMo in-loop), result files, comparison and plots."""

@@ -1,0 +1,174 @@
+"""Evaluation result files: one model's scores on one suite, and the outcome of every item.
+
+A run folder keeps, per suite (``RESULT_FILES`` key: ``lm-eval`` or ``olmo-in-loop``)::
+
+    eval_results[.olmo-in-loop].json
+        {"schema": "olmoe-gatepro/eval-result/v1", "label": "baseline", "model": "...",
+         "revision": null, "suite": "lm-eval", "limit": null, "gatepro": {...} or null,
+         "tasks": {"mmlu": {"score": 0.376, "stderr": 0.004, "samples": 14042, "metric": "acc"}, ...}}
+    samples.<suite>.jsonl
+        one line per evaluated item: {"task": "copa", "item": "17", "correct": true}, plus
+        "cluster" where several items are one independent unit (MMLU's prompt variants of one
+        question in the in-loop suite)
+
+Scores are fractions in [0, 1]. Item ids are stable: the same for every model evaluated on the
+same data and limit, so two checkpoints can be compared item by item.
+"""
+
+import json
+import math
+import os
+
+from olmoe_gatepro.jsonl import write_text_atomically
+from olmoe_gatepro.provenance import git_revision, package_versions
+
+__all__ = [
+    "SCHEMA",
+    "TASKS",
+    "TASK_TITLES",
+    "RESULT_FILE",
+    "IN_LOOP_RESULT_FILE",
+    "RESULT_FILES",
+    "SAMPLE_FILES",
+    "result_record",
+    "load_result",
+    "samples_path",
+    "load_samples",
+    "write_evaluation",
+]
+
+SCHEMA = "olmoe-gatepro/eval-result/v1"
+TASKS = ("mmlu", "hellaswag", "arc_challenge", "piqa", "copa")  # the paper's column order
+TASK_TITLES = {"mmlu": "MMLU", "hellaswag": "HellaSwag", "arc_challenge": "ARC-Challenge", "piqa": "PIQA",
+               "copa": "COPA", "avg": "average"}
+RESULT_FILE = "eval_results.json"  # the lm-eval suites'; other suites' files carry their name
+IN_LOOP_RESULT_FILE = "eval_results.olmo-in-loop.json"
+RESULT_FILES = {"lm-eval": RESULT_FILE, "olmo-in-loop": IN_LOOP_RESULT_FILE}
+SAMPLE_FILES = {"lm-eval": "samples.lm-eval.jsonl", "olmo-in-loop": "samples.olmo-in-loop.jsonl"}
+
+
+def result_record(*, label: str, model: str, revision: str | None, suite: str, limit: int | None, gatepro,
+                  tasks: dict) -> dict:
+    """One evaluation in this schema; ``gatepro`` is the ``GateProConfig`` routed with, or None."""
+    return {
+        "schema": SCHEMA,
+        "label": label,
+        "model": model,
+        "revision": revision,
+        "suite": suite,
+        "limit": limit,
+        "gatepro": None if gatepro is None else {
+            "enabled": gatepro.enabled, "penalty": gatepro.penalty,
+            "num_competitors": gatepro.num_competitors, "hard": gatepro.hard,
+        },
+        "tasks": tasks,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+    }
+
+
+def _suite_key(suite: str) -> str:
+    return "olmo-in-loop" if suite == "olmo-in-loop" else "lm-eval"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_task_entry(file: str, task: str, entry) -> None:
+    where = f"{file}: tasks.{task}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with score, stderr and samples; got {entry!r}")
+    missing = [key for key in ("score", "stderr", "samples") if key not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    if not _is_number(entry["score"]) or not 0 <= entry["score"] <= 1:
+        raise ValueError(f"{where}.score: expected a fraction in [0, 1]; got {entry['score']!r}")
+    if entry["stderr"] is not None and (not _is_number(entry["stderr"]) or entry["stderr"] < 0):
+        raise ValueError(f"{where}.stderr: expected a number >= 0 or null; got {entry['stderr']!r}")
+    samples = entry["samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"{where}.samples: expected an integer >= 1; got {samples!r}")
+
+
+def load_result(path: str, suite: str = "lm-eval") -> dict:
+    """A result file, or a run folder's result file of ``suite`` (``RESULT_FILES``); errors name the file."""
+    file = os.path.join(path, RESULT_FILES[suite]) if os.path.isdir(path) else path
+    try:
+        with open(file) as handle:
+            result = json.load(handle)
+    except OSError as error:
+        raise ValueError(f"cannot read result {file}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON: {error}") from None
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        raise ValueError(f"{file}: not an olmoe-gatepro result (schema {SCHEMA!r} expected)")
+    for key in ("label", "suite", "tasks"):
+        if key not in result:
+            raise ValueError(f"{file}: missing key {key!r}")
+    if not isinstance(result["label"], str) or not result["label"].strip():
+        raise ValueError(f"{file}: label must be a non-empty string; got {result['label']!r}")
+    tasks = result["tasks"]
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"{file}: tasks must be a non-empty mapping of task to score; got {tasks!r}")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"{file}: unknown task(s) {unknown}; known: {list(TASKS)}")
+    for task, entry in tasks.items():
+        _check_task_entry(file, task, entry)
+    result["_source"] = os.path.abspath(file)
+    return result
+
+
+def samples_path(result: dict) -> str:
+    """The per-item file beside a loaded result's file."""
+    return os.path.join(os.path.dirname(result["_source"]), SAMPLE_FILES[_suite_key(result["suite"])])
+
+
+def load_samples(result: dict) -> dict[str, dict[str, tuple[str, bool]]] | None:
+    """{task: {item: (cluster, correct)}} of a loaded result; None when it has no per-item file.
+
+    A per-item file that does not match the result (other tasks, or scores that differ from the
+    result's) is an error naming both files.
+    """
+    path = samples_path(result)
+    if not os.path.exists(path):
+        return None
+    items: dict[str, dict[str, tuple[str, bool]]] = {}
+    with open(path) as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                record = json.loads(line)
+                task, item, correct = record["task"], str(record["item"]), record["correct"]
+                cluster = str(record.get("cluster", item))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}, line {number}: expected {{\"task\", \"item\", \"correct\"}}") from None
+            if not isinstance(correct, bool):
+                raise ValueError(f"{path}, line {number}: correct must be true or false; got {correct!r}")
+            if item in items.setdefault(task, {}):
+                raise ValueError(f"{path}, line {number}: item {item!r} of {task} appears twice")
+            items[task][item] = (cluster, correct)
+    if set(items) != set(result["tasks"]):
+        raise ValueError(f"{path} holds tasks {sorted(items)} but {result['_source']} has {sorted(result['tasks'])}")
+    for task, outcomes in items.items():
+        score = sum(correct for _, correct in outcomes.values()) / len(outcomes)
+        if abs(score - result["tasks"][task]["score"]) > 1e-6:
+            raise ValueError(
+                f"{path}: {task} items score {score:.6f} but {result['_source']} says "
+                f"{result['tasks'][task]['score']:.6f}; the two files are not from one evaluation"
+            )
+    return items
+
+
+def write_evaluation(out_dir: str, suite: str, result: dict, samples: list[dict]) -> str:
+    """Write the per-item file, then the result file (its existence marks the evaluation done).
+
+    Both atomically; returns the result file's path.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    key = _suite_key(suite)
+    lines = "".join(json.dumps(sample, sort_keys=True) + "\n" for sample in samples)
+    write_text_atomically(os.path.join(out_dir, SAMPLE_FILES[key]), lines)
+    path = os.path.join(out_dir, RESULT_FILES[key])
+    write_text_atomically(path, json.dumps(result, indent=2))
+    return path

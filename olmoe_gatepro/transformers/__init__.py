@@ -1,0 +1,1 @@
+"""The Hugging Face transformers integration: GatePro in transformers' MoE routers."""
