@@ -3,7 +3,8 @@
 The package installs ``olmoe_gatepro_env.pth`` into site-packages. At interpreter start, when
 ``OLMOE_GATEPRO`` is 1/true/on, it calls ``install_import_hooks()``, which patches each router
 module right after it is first imported: OLMo-core's ``olmo_core.nn.moe.router`` and
-``olmo_core.nn.moe.v2.router``, and transformers' ``modeling_olmoe``. Every process started
+``olmo_core.nn.moe.v2.router``, and the modeling module of each transformers family that
+``transformers.families`` supports (OLMoE, Qwen2-MoE, Qwen3-MoE, FlexOlmo, Mixtral). Every process started
 with that environment (all ``torchrun`` workers included) is covered.
 
 | variable | meaning | default |
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.transformers.families import FAMILIES
 
 __all__ = ["config_from_env", "install_import_hooks", "PATCH_TARGETS"]
 
@@ -77,13 +79,14 @@ def _patch_olmo_core_module(module) -> None:
 def _patch_transformers_module(module) -> None:
     from olmoe_gatepro.transformers.patch import patch_transformers
 
-    patch_transformers(config=config_from_env())
+    families = [family for family, spec in FAMILIES.items() if spec.module == module.__name__]
+    patch_transformers(config=config_from_env(), families=families)
 
 
 PATCH_TARGETS: dict[str, Callable] = {
     "olmo_core.nn.moe.router": _patch_olmo_core_module,
     "olmo_core.nn.moe.v2.router": _patch_olmo_core_module,
-    "transformers.models.olmoe.modeling_olmoe": _patch_transformers_module,
+    **{spec.module: _patch_transformers_module for spec in FAMILIES.values()},
 }
 
 

@@ -182,6 +182,8 @@ def test_eval(workdir, capsys, checkpoint):
     os.mkdir("empty")
     _refused(["eval", "empty", *common, "--out", "o"], capsys, "model empty: a folder without config.json")
     _refused(["eval", checkpoint, *common, "--out", "a-file"], capsys, "--out a-file: exists and is not a folder")
+    _refused(["eval", checkpoint, "--label", "a", "--suite", "olmo-in-loop", "--out", "a-file/x"], capsys,
+             "--out a-file/x: cannot be created")  # checked before the (long) evaluation, not after
     _refused(["eval", checkpoint, *common, "--limit", "0", "--out", "o"], capsys, "--limit must be >= 1; got 0")
     _refused(["eval", checkpoint, *common, "--batch-size", "0", "--out", "o"], capsys, "--batch-size must be >= 1")
     _refused(["eval", checkpoint, "--label", " ", "--out", "o"], capsys, "--label must not be empty")

@@ -76,3 +76,13 @@ def test_config_from_env_parsing():
         config_from_env({"OLMOE_GATEPRO": "maybe"})
     with pytest.raises(ValueError, match="penalty must be finite and >= 0; got -1.0"):
         config_from_env({"OLMOE_GATEPRO": "1", "OLMOE_GATEPRO_PENALTY": "-1"})
+
+
+def test_environment_patches_every_supported_family_on_import():
+    code = ("from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter\n"
+            "from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter\n"
+            "print(MixtralTopKRouter._gatepro.penalty, Qwen3MoeTopKRouter._gatepro.penalty)")
+    env = {**os.environ, "OLMOE_GATEPRO": "1", "OLMOE_GATEPRO_PENALTY": "0.2"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0.2", "0.2"]

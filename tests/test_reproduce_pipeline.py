@@ -72,8 +72,10 @@ def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["reproduce", "--preset", "olmo-core-tiny", "--out", str(out)]) == 0
     report = out / "report"
-    for name in ("table.md", "table.csv", "zero_token_count.png", "diversity.png"):
+    for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "zero_token_count.png", "diversity.png"):
         assert (report / name).stat().st_size > 0, name
+        assert (report / "olmo-in-loop" / name).stat().st_size > 0, name
+    assert "## Verdict" in (report / "table.md").read_text()
     for name, enabled in (("baseline", False), ("gatepro", True)):
         records = [json.loads(line) for line in (out / name / "gatepro_metrics.jsonl").read_text().splitlines()]
         assert [record["step"] for record in records] == list(range(1, 5))
