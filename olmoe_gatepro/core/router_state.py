@@ -32,6 +32,7 @@ __all__ = [
     "start_recording",
     "stop_recording",
     "set_instance_settings",
+    "restore_classes",
     "strip_instance_state",
     "routers_with_instance_state",
 ]
@@ -181,6 +182,15 @@ def set_instance_settings(router: nn.Module, settings: GateProConfig) -> None:
 def routers_with_instance_state(router_class: type) -> list[nn.Module]:
     """Live routers of ``router_class`` that carry GatePro instance attributes."""
     return [router for router in _with_instance_state if isinstance(router, router_class)]
+
+
+def restore_classes(stock_methods: dict, method: str) -> None:
+    """Put back each patched class's stock ``method`` and drop its class-wide settings; empties ``stock_methods``."""
+    for router_class, stock in stock_methods.items():
+        setattr(router_class, method, stock)
+        if SETTINGS_ATTR in router_class.__dict__:
+            delattr(router_class, SETTINGS_ATTR)
+    stock_methods.clear()
 
 
 def strip_instance_state(router: nn.Module, *names: str) -> None:

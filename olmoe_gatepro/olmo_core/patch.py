@@ -21,6 +21,7 @@ from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
     refresh_partners,
+    restore_classes,
     route,
     routers_with_instance_state,
     set_instance_settings,
@@ -126,8 +127,4 @@ def unpatch_olmo_core(model: nn.Module | None = None) -> None:
     for router in routers:
         strip_instance_state(router, "get_expert_logits")
     if model is None:
-        for router_class, stock in _stock_methods.items():
-            router_class.get_expert_logits = stock
-            if SETTINGS_ATTR in router_class.__dict__:
-                delattr(router_class, SETTINGS_ATTR)
-        _stock_methods.clear()
+        restore_classes(_stock_methods, "get_expert_logits")

@@ -27,6 +27,7 @@ from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
     refresh_partners,
+    restore_classes,
     route,
     routers_with_instance_state,
     set_instance_settings,
@@ -171,8 +172,4 @@ def unpatch_transformers(model: nn.Module | None = None) -> None:
     for router in routers:
         strip_instance_state(router, "forward")
     if model is None:
-        for cls, stock in _stock_forwards.items():
-            cls.forward = stock
-            if SETTINGS_ATTR in cls.__dict__:
-                delattr(cls, SETTINGS_ATTR)
-        _stock_forwards.clear()
+        restore_classes(_stock_forwards, "forward")
