@@ -297,7 +297,8 @@ def to_markdown(comparison: dict, routing: list[dict] | None = None) -> str:
         f"Δ is to **{comparison['baseline']}** in points, with its 95% confidence interval in brackets; "
         "* marks an effect: p < 0.05 (exact McNemar per task, paired sign-flip permutation for the average and "
         "for clustered or seed-averaged items) and, with two or more seeds per group, a Δ beyond 1.96 times the "
-        "seed spread. p-values are per column, not adjusted for the six columns.",
+        "seed spread. p-values are per column, not adjusted for the six columns. The verdict follows the p-value: "
+        "with few items a bootstrap interval can exclude 0 where the exact or permutation test does not reject.",
         "",
         "| model | " + " | ".join(_title(c) for c in columns) + " |",
         "|" + " --- |" * (len(columns) + 1),
