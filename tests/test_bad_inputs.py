@@ -193,11 +193,13 @@ def test_eval(workdir, capsys, checkpoint):
 
 def test_eval_keeps_an_existing_result_without_overwrite(workdir, capsys, checkpoint):
     common = ["--label", "a", "--tasks", "copa", "--limit", "2", "--out", "run"]
-    assert main(["eval", checkpoint, *common]) == 0
+    (workdir / "run").mkdir()
+    (workdir / "run" / "eval_results.json").write_text('{"an earlier result": true}')
     before = _snapshot(workdir / "run")
     _refused(["eval", checkpoint, *common], capsys, "--out run already holds eval_results.json; pass --overwrite")
     assert _snapshot(workdir / "run") == before
     assert main(["eval", checkpoint, *common, "--overwrite"]) == 0
+    assert json.loads((workdir / "run" / "eval_results.json").read_text())["label"] == "a"
 
 
 def test_eval_rejects_a_bad_environment_switch(workdir, capsys, monkeypatch, checkpoint):

@@ -70,15 +70,6 @@ def _items(folder, suite):
         return [json.loads(line) for line in file]
 
 
-def test_eval_refuses_a_different_limit_in_compare(checkpoint, tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    main(["eval", checkpoint, "--label", "a", "--tasks", "copa", "--limit", "2", "--out", one])
-    main(["eval", checkpoint, "--label", "b", "--tasks", "copa", "--limit", "3", "--out", two])
-    assert json.loads((tmp_path / "two" / "eval_results.json").read_text())["tasks"]["copa"]["samples"] == 3
-    with pytest.raises(SystemExit):
-        main(["compare", one, two, "--out", str(tmp_path / "report")])
-
-
 def test_eval_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "x", "--label", "a", "--out", "o", "--gatepro-penalty", "-1"])

