@@ -85,7 +85,12 @@ def _stock_forward(router_class_: type) -> Callable:
 
 
 def _family(router: nn.Module) -> str | None:
-    return next((family_of_class(cls) for cls in type(router).__mro__ if family_of_class(cls)), None)
+    """The supported family of ``router``'s class or of a class it derives from; None if none."""
+    for cls in type(router).__mro__:
+        family = family_of_class(cls)
+        if family is not None:
+            return family
+    return None
 
 
 def _check_families(families) -> list[str]:
@@ -151,8 +156,9 @@ def patch_transformers(
     if families is not None:
         raise ValueError("families picks router classes to patch; with model=..., the model's own routers are patched")
     for router in moe_routers(model):
-        cls = router_class(_family(router))
-        router.forward = types.MethodType(_gatepro_forward(_stock_forward(cls), FAMILIES[_family(router)]), router)
+        family = _family(router)
+        forward = _gatepro_forward(_stock_forward(router_class(family)), FAMILIES[family])
+        router.forward = types.MethodType(forward, router)
         set_instance_settings(router, gatepro)
     if gatepro.partner_refresh_steps is not None:
         refresh_partners(model)
