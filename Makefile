@@ -21,7 +21,8 @@ smoke: $(INSTALLED)
 	$(BIN)/olmoe-gatepro reproduce
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	# Two workers (the CI machine has two cores); a file's tests stay together (module fixtures).
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/router_overhead.py --quick

@@ -25,10 +25,10 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     ]
     (train_baseline, convert, evaluate, in_loop, train_gatepro, _, evaluate_gatepro, in_loop_gatepro, compare,
      compare_in_loop) = (shlex.split(line) for line in lines if not line.startswith("#"))
-    assert train_baseline[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=gpu"]
-    assert train_baseline[4:7] == ["-m", "olmoe_gatepro.cli", "train"]
-    assert train_baseline[7].endswith("configs/olmoe-1b-7b/baseline.yaml")
-    assert train_gatepro[7].endswith("configs/olmoe-1b-7b/gatepro.yaml")
+    assert train_baseline[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=gpu"]
+    assert train_baseline[5:8] == ["-m", "olmoe_gatepro.cli", "train"]
+    assert train_baseline[8].endswith("configs/olmoe-1b-7b/baseline.yaml")
+    assert train_gatepro[8].endswith("configs/olmoe-1b-7b/gatepro.yaml")
     for command, name in ((train_baseline, "baseline"), (train_gatepro, "gatepro")):
         assert command[8:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
     assert convert[3:] == ["convert", str(tmp_path / "baseline"), "--out", str(tmp_path / "baseline/hf"), "--dtype", "bfloat16"]

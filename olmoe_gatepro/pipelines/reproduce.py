@@ -234,12 +234,12 @@ class PipelinePreset:
 PIPELINE_PRESETS = {
     "olmoe-1b-7b-400b": PipelinePreset(
         {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
-        torchrun_args="--nproc-per-node=gpu",
+        torchrun_args="--standalone --nproc-per-node=gpu",
     ),
     # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
     "olmo-core-tiny": PipelinePreset(
         {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
-        torchrun_args="--nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
+        torchrun_args="--standalone --nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
         eval_tasks=("arc_challenge", "copa"),  # two tasks keep it to minutes; the 400B preset evaluates all five
     ),
 }
