@@ -30,7 +30,7 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     assert train_baseline[8].endswith("configs/olmoe-1b-7b/baseline.yaml")
     assert train_gatepro[8].endswith("configs/olmoe-1b-7b/gatepro.yaml")
     for command, name in ((train_baseline, "baseline"), (train_gatepro, "gatepro")):
-        assert command[8:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
+        assert command[9:] == ["--data.paths=[/data/mix/*.npy]", f"--train.save_folder={tmp_path / name}"]
     assert convert[3:] == ["convert", str(tmp_path / "baseline"), "--out", str(tmp_path / "baseline/hf"), "--dtype", "bfloat16"]
     assert "--online" in evaluate and "--gatepro-penalty" not in evaluate and "--limit" not in evaluate
     assert "--tasks" not in evaluate  # the 400B preset evaluates all five
