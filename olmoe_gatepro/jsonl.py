@@ -8,7 +8,7 @@ appended, so a new line is never glued to a broken one.
 import json
 import os
 
-__all__ = ["read_records", "append_record", "rewrite_records", "repair", "write_text_atomically"]
+__all__ = ["read_records", "append_record", "rewrite_records", "repair", "drop_after_step", "write_text_atomically"]
 
 
 def read_records(path: str) -> list[dict]:
@@ -54,3 +54,9 @@ def repair(path: str) -> list[dict]:
                 if file.read(1) != b"\n":
                     rewrite_records(path, records)
     return records
+
+
+def drop_after_step(path: str, step: int) -> None:
+    """On resuming from ``step``: keep the complete records of steps up to it (a no-op without the file)."""
+    if os.path.exists(path):
+        rewrite_records(path, [record for record in read_records(path) if record["step"] <= step])

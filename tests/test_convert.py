@@ -139,3 +139,25 @@ def test_convert_command_names_a_missing_checkpoint(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "nope: no such folder" in result.stderr
+
+
+def test_inspect_reads_an_olmo_core_checkpoint_through_the_converter(saved, tmp_path):
+    import dataclasses
+    import shutil
+
+    from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models
+
+    run, _, step_dir = saved
+    save_folder = tmp_path / "run"
+    shutil.copytree(step_dir, save_folder / "step3")
+    (save_folder / "run_config.json").write_text(json.dumps(dataclasses.asdict(run)))
+    convert_checkpoint(str(save_folder / "step3"), str(tmp_path / "hf"))
+    before = sorted(os.listdir(save_folder))
+    source = TextSource(tokens=None, texts=(str(ROOT / "README.md"),), max_tokens=200, sequence_length=50)
+    routing = inspect_models([ModelToInspect(str(save_folder / "step3"), "olmo-core"), ModelToInspect(str(tmp_path / "hf"), "hf")],
+                             source)
+    from_checkpoint, from_folder = routing["models"]
+    assert from_checkpoint["tokens"] == 200 and len(from_checkpoint["layers"]) == 2
+    for a, b in zip(from_checkpoint["layers"], from_folder["layers"]):
+        assert a["coactivation_matrix"] == b["coactivation_matrix"] and a["flip_rate"] == b["flip_rate"]
+    assert sorted(os.listdir(save_folder)) == before  # no folder written beside the checkpoint

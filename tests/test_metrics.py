@@ -5,6 +5,7 @@ import torch
 
 from olmoe_gatepro import gatepro_logits
 from olmoe_gatepro.core import metrics
+from olmoe_gatepro.core.reference import reference_partners
 
 
 def test_orthogonal_experts():
@@ -63,3 +64,38 @@ def test_flip_rate_agrees_with_gatepro_logits_on_random_data():
         for t in range(500)
     )
     assert 0 < rate < 1 and rate == pytest.approx(changed / 500)
+
+
+def test_coactivation_and_margins_on_a_hand_case():
+    # Rows 0 and 1 point the same way, as do 2 and 3: partners 0<->1 and 2<->3.
+    weight = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    chosen = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 3]])
+    # Token by token, chosen experts whose partner is chosen too: 2, 0, 2, 0 of 8.
+    assert metrics.partner_hits(chosen, torch.tensor([1, 0, 3, 2])).item() == 4
+    assert metrics.partner_coactivation_chance(4, 2) == pytest.approx(1 / 3)
+    matrix = metrics.coactivation_matrix(chosen, 4)
+    assert matrix.tolist() == [[2, 1, 1, 0], [1, 2, 0, 1], [1, 0, 2, 1], [0, 1, 1, 2]]
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0], [0.0, 1.0, 1.0, 0.5]])
+    assert metrics.boundary_margins(logits, 2).tolist() == [0.5, 0.5]
+    assert metrics.boundary_margins(logits, 1).tolist() == [0.5, 0.0]
+    assert metrics.boundary_margins(logits, 4).tolist() == [math.inf, math.inf]  # nothing can change
+    assert metrics.partner_hits(chosen, torch.tensor(reference_partners(weight))).item() == 4
+
+
+def test_tiny_trainer_layer_metrics_match_the_plain_loop_reference():
+    from olmoe_gatepro import GateProConfig
+    from olmoe_gatepro.core.reference import reference_margin_fraction, reference_partner_coactivation
+    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, _layer_metrics, build_tiny_olmoe
+    from olmoe_gatepro.transformers.patch import olmoe_routers
+
+    model = build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=8, top_k=3, hidden_size=32, num_heads=2))
+    router = olmoe_routers(model)[0]
+    hidden = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        chosen = router(hidden)[2]
+    logits = torch.nn.functional.linear(hidden, router.weight.detach())
+    got = _layer_metrics(router, hidden, chosen, GateProConfig(penalty=0.05))
+    assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, router.weight))
+    assert got["partner_coactivation_chance"] == pytest.approx(2 / 7)
+    assert got["margin_below_penalty"] == pytest.approx(reference_margin_fraction(logits, 3, 0.05))
+    assert 0 < got["margin_below_penalty"] < 1 and got["partner_coactivation"] > 0

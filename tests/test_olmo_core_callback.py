@@ -18,7 +18,7 @@ from olmoe_gatepro.core import metrics
 from olmoe_gatepro.olmo_core.run_config import GateProRunConfig
 from olmoe_gatepro.jsonl import read_records as read_metrics_file
 from olmoe_gatepro.olmo_core.callback import GateProCallback
-from olmoe_gatepro.core.reference import reference_gatepro
+from olmoe_gatepro.core.reference import reference_gatepro, reference_margin_fraction, reference_partner_coactivation
 
 D_MODEL, EXPERTS, TOP_K, PENALTY = 16, 8, 2, 0.3
 TOKENS_PER_STEP = 60  # 3 x 20 tokens
@@ -101,8 +101,12 @@ def test_metrics_match_an_independent_computation(tmp_path):
             assert got["load_imbalance"] == pytest.approx(metrics.load_imbalance(indices[layer], EXPERTS))
             assert got["flip_rate"] == pytest.approx(metrics.flip_rate(logits, weight, TOP_K, PENALTY))
             assert got["avg_cosine_similarity"] == pytest.approx(metrics.average_cosine_similarity(weight))
+            assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(indices[layer], weight))
+            assert got["partner_coactivation_chance"] == pytest.approx((TOP_K - 1) / (EXPERTS - 1))
+            assert got["margin_below_penalty"] == pytest.approx(reference_margin_fraction(logits, TOP_K, PENALTY))
             assert trainer.recorded[(line["step"], f"gatepro/layer {layer:02d}/flip_rate")] == got["flip_rate"]
     assert any(layer["flip_rate"] > 0 for line in lines for layer in line["layers"])
+    assert any(layer["partner_coactivation"] > 0 for line in lines for layer in line["layers"])
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

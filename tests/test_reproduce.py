@@ -22,7 +22,7 @@ def first_run(tmp_path_factory):
 def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
     report = first_run / "report"
     for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "zero_token_count.png", "diversity.png",
-                 "settings.json"):
+                 "coactivation.png", "settings.json", "routing/routing.md", "routing/routing_layers.png"):
         assert (report / name).stat().st_size > 0, name
     for model in ("baseline-seed0", "baseline-seed1", "gatepro-seed0", "gatepro-seed1"):
         assert (first_run / model / "checkpoint" / "config.json").exists()
@@ -34,13 +34,18 @@ def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
     table = (report / "table.md").read_text()
     assert "**gatepro** vs baseline:" in table and "(2 seeds)" in table  # the verdict, groups of seeds
     assert "| gatepro | on, lambda 0.05 | " in table and "| baseline | off | " in table  # routing per layer
+    assert "## Routing of the same text (olmoe-gatepro inspect)" in table and "| gatepro-seed1 | lambda 0.05 |" in table
+    routing = json.loads((report / "routing" / "routing.json").read_text())
+    assert [model["label"] for model in routing["models"]] == ["baseline-seed0", "baseline-seed1", "gatepro-seed0",
+                                                               "gatepro-seed1"]
+    assert all(model["tokens"] == 256 for model in routing["models"])
     comparison = json.loads((report / "comparison.json").read_text())
     assert [row["label"] for row in comparison["rows"]] == ["baseline", "gatepro"]
     assert all(row["paired"] and len(row["runs"]) == 2 for row in comparison["rows"])
     assert comparison["rows"][1]["columns"]["avg"]["seed_spread"] is not None
     _run(tmp_path / "b")
     assert f"report: {tmp_path / 'b' / 'report'}" in capsys.readouterr().out
-    for name in ("table.md", "table.csv", "comparison.json", "deltas.png"):  # identical, byte for byte
+    for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "routing/routing.csv"):  # byte for byte
         assert (tmp_path / "b" / "report" / name).read_bytes() == report.joinpath(name).read_bytes(), name
 
 

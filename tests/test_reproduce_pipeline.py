@@ -21,9 +21,9 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     assert [line for line in lines if line.startswith("#")] == [
         "# train baseline", "# convert baseline", "# evaluate baseline", "# evaluate baseline (olmo-in-loop)",
         "# train gatepro", "# convert gatepro", "# evaluate gatepro", "# evaluate gatepro (olmo-in-loop)",
-        "# compare", "# compare (olmo-in-loop)",
+        "# inspect", "# compare", "# compare (olmo-in-loop)",
     ]
-    (train_baseline, convert, evaluate, in_loop, train_gatepro, _, evaluate_gatepro, in_loop_gatepro, compare,
+    (train_baseline, convert, evaluate, in_loop, train_gatepro, _, evaluate_gatepro, in_loop_gatepro, inspect, compare,
      compare_in_loop) = (shlex.split(line) for line in lines if not line.startswith("#"))
     assert train_baseline[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=gpu"]
     assert train_baseline[5:8] == ["-m", "olmoe_gatepro.cli", "train"]
@@ -38,6 +38,8 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     assert in_loop[-2:] == ["--suite", "olmo-in-loop"] and "--online" not in in_loop
     assert in_loop_gatepro[-4:] == ["--gatepro-penalty", "0.0001", "--suite", "olmo-in-loop"]
     folders = [str(tmp_path / "baseline"), str(tmp_path / "gatepro")]
+    assert inspect[3:] == ["inspect", *(f"{folder}/hf" for folder in folders), "--label", "baseline", "gatepro",
+                           "--gatepro-penalty", "0", "0.0001", "--out", str(tmp_path / "report/routing")]
     assert compare[3:] == ["compare", *folders, "--out", str(tmp_path / "report")]
     assert compare_in_loop[3:] == ["compare", *folders, "--suite", "olmo-in-loop", "--out", str(tmp_path / "report/olmo-in-loop")]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
@@ -77,6 +79,10 @@ def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
         assert (report / name).stat().st_size > 0, name
         assert (report / "olmo-in-loop" / name).stat().st_size > 0, name
     assert "## Verdict" in (report / "table.md").read_text()
+    routing = json.loads((report / "routing" / "routing.json").read_text())
+    assert [(m["label"], m["gatepro"] and m["gatepro"]["penalty"]) for m in routing["models"]] == [
+        ("baseline", None), ("gatepro", 0.05)]
+    assert (report / "routing" / "routing_layers.png").stat().st_size > 0
     for name, enabled in (("baseline", False), ("gatepro", True)):
         records = [json.loads(line) for line in (out / name / "gatepro_metrics.jsonl").read_text().splitlines()]
         assert [record["step"] for record in records] == list(range(1, 5))

@@ -1,10 +1,10 @@
-"""GatePro's router settings; plain Python, no framework imports."""
+"""GatePro's router settings and its hot-swap schedule; plain Python, no framework imports."""
 
 import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["GateProConfig"]
+__all__ = ["GateProConfig", "GateProRunConfig"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,62 @@ class GateProConfig:
         if unknown:
             raise ValueError(f"unknown GatePro setting(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class GateProRunConfig(GateProConfig):
+    """The ``gatepro:`` block of a training config: router settings plus the hot-swap schedule.
+
+    The schedule counts tokens (OLMo-core; the HF ``Trainer`` with
+    ``include_num_input_tokens_seen``) or, when a ``*_steps`` field is set, optimizer steps.
+
+    Attributes:
+        enabled: master switch; False trains the baseline whatever the schedule says.
+        on_from_tokens: GatePro is on once this many tokens have been trained on (paper: 0).
+        off_after_tokens: and off again from this many tokens on; None never switches it off
+            (the paper's Table 3 switches off at 100B, 200B, 300B or 400B of 500B).
+        on_from_steps, off_after_steps: the same in optimizer steps (then the token fields
+            must keep their defaults).
+    """
+
+    enabled: bool = False
+    on_from_tokens: int = 0
+    off_after_tokens: int | None = None
+    on_from_steps: int | None = None
+    off_after_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for unit in ("tokens", "steps"):
+            on, off = getattr(self, f"on_from_{unit}"), getattr(self, f"off_after_{unit}")
+            if on is not None and (isinstance(on, bool) or not isinstance(on, int) or on < 0):
+                raise ValueError(f"on_from_{unit} must be an int >= 0; got {on!r}")
+            if off is not None and (isinstance(off, bool) or not isinstance(off, int) or off <= (on or 0)):
+                raise ValueError(f"off_after_{unit} must be None or an int > on_from_{unit} ({on or 0}); got {off!r}")
+        if self.schedule_unit == "steps" and (self.on_from_tokens != 0 or self.off_after_tokens is not None):
+            raise ValueError("give the GatePro schedule in tokens or in steps, not both "
+                             f"(on_from_tokens={self.on_from_tokens}, off_after_tokens={self.off_after_tokens}, "
+                             f"on_from_steps={self.on_from_steps}, off_after_steps={self.off_after_steps})")
+
+    @property
+    def schedule_unit(self) -> str:
+        """``"steps"`` when a ``*_steps`` field is set, else ``"tokens"``."""
+        return "steps" if self.on_from_steps is not None or self.off_after_steps is not None else "tokens"
+
+    def active_at(self, trained: int) -> bool:
+        """Whether GatePro routes the step that starts after ``trained`` tokens (or steps: ``schedule_unit``)."""
+        on, off = ((self.on_from_tokens, self.off_after_tokens) if self.schedule_unit == "tokens"
+                   else (self.on_from_steps or 0, self.off_after_steps))
+        if not self.enabled or trained < on:
+            return False
+        return off is None or trained < off
+
+    def router_config(self, trained: int) -> GateProConfig:
+        """The per-router settings for the step that starts after ``trained`` tokens (or steps)."""
+        return GateProConfig(
+            enabled=self.active_at(trained),
+            penalty=self.penalty,
+            num_competitors=self.num_competitors,
+            hard=self.hard,
+            partner_refresh_steps=self.partner_refresh_steps,
+        )

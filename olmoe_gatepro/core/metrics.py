@@ -3,7 +3,8 @@
 Similarity metrics take a router weight W of shape (N, d) and use S, the cosine similarity
 of its rows, in float64 (they are diagnostics, not on the hot path). Load metrics take the
 chosen expert indices of one batch, an int tensor of any shape holding values in [0, N).
-Every function returns a Python float or int.
+The similarity and load metrics return a Python float or int; the co-activation and margin
+helpers return tensors (counts to be summed over batches and ranks without a host sync).
 """
 
 import math
@@ -24,6 +25,10 @@ __all__ = [
     "flip_rate",
     "topk_set_changed",
     "router_weight_metrics",
+    "partner_hits",
+    "partner_coactivation_chance",
+    "coactivation_matrix",
+    "boundary_margins",
 ]
 
 
@@ -108,3 +113,39 @@ def router_weight_metrics(router_weight: torch.Tensor) -> dict[str, float]:
         "avg_angle_deg": average_angle_degrees(router_weight),
         "spectral_entropy": spectral_entropy(router_weight),
     }
+
+
+def partner_hits(chosen: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """int64 scalar: how many (token, chosen expert i) have i's partner j*(i) chosen for that token too.
+
+    Args:
+        chosen: (..., k) expert indices chosen per token.
+        partners: (N,) j*(i) of every expert (``competition_partners(W)``).
+
+    Divided by ``chosen.numel()`` it is the partner co-activation rate, the quantity GatePro
+    exists to lower.
+    """
+    partner_of_chosen = partners[chosen]
+    return (partner_of_chosen.unsqueeze(-1) == chosen.unsqueeze(-2)).any(dim=-1).sum()
+
+
+def partner_coactivation_chance(num_experts: int, top_k: int) -> float:
+    """The partner co-activation rate of uniformly random top-k: (k - 1) / (N - 1)."""
+    return (top_k - 1) / (num_experts - 1)
+
+
+def coactivation_matrix(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N, N) int64: entry (i, j) counts the tokens that chose both i and j; the diagonal, i's tokens."""
+    one_hot = F.one_hot(chosen.reshape(-1, chosen.shape[-1]).long(), num_experts).sum(dim=-2)
+    return one_hot.T @ one_hot
+
+
+def boundary_margins(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(...,) float32: per token, the k-th largest logit minus the (k+1)-th (+inf when k = N).
+
+    A penalty lambda can change a token's top-k set only when this margin is below lambda.
+    """
+    if top_k >= logits.shape[-1]:
+        return torch.full(logits.shape[:-1], float("inf"), dtype=torch.float32, device=logits.device)
+    values = logits.detach().float().topk(top_k + 1, dim=-1).values
+    return values[..., top_k - 1] - values[..., top_k]

@@ -36,3 +36,21 @@ def reference_gatepro(logits: torch.Tensor, router_weight: torch.Tensor, penalty
             if flat[t, i] < flat[t, j]:
                 out[t, i] = flat[t, i] - torch.tensor(penalty, dtype=torch.float32)
     return out.reshape(logits.shape)
+
+
+def reference_partner_coactivation(chosen: torch.Tensor, router_weight: torch.Tensor) -> float:
+    """Over every token and chosen expert i: the fraction with j*(i) chosen for the token too."""
+    partners = reference_partners(router_weight)
+    rows = chosen.reshape(-1, chosen.shape[-1]).tolist()
+    hits = sum(partners[i] in row for row in rows for i in row)
+    return hits / sum(len(row) for row in rows)
+
+
+def reference_margin_fraction(logits: torch.Tensor, top_k: int, penalty: float) -> float:
+    """Fraction of tokens whose k-th and (k+1)-th largest logits (float32) differ by less than ``penalty``."""
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    below = 0
+    for row in rows:
+        ordered = sorted(row.tolist(), reverse=True)
+        below += (torch.tensor(ordered[top_k - 1]) - torch.tensor(ordered[top_k])).item() < penalty
+    return below / rows.shape[0]

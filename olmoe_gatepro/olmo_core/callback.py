@@ -1,10 +1,11 @@
 """An OLMo-core trainer callback: GatePro's hot-swap schedule and its routing metrics.
 
 ``GateProCallback`` patches the trained model's routers when training starts and, before every
-step, sets GatePro on or off from the number of tokens trained on before that step, so a run
+step, sets GatePro on or off from the number of tokens (or steps) trained before that step, so a run
 resumed from a checkpoint is in exactly the state an uninterrupted one would be. Every
 ``metrics_interval`` steps it records, per MoE layer, zero-token count, load imbalance, GatePro
-flip rate (all over the whole global batch of that step) and the gate similarity metrics, via
+flip rate, partner co-activation and the fraction of tokens whose top-k boundary margin is below
+lambda (all over the whole global batch of that step) and the gate similarity metrics, via
 ``trainer.record_metric`` (so console, W&B and Comet callbacks get them) and as one JSON line in
 ``<save_folder>/gatepro_metrics.jsonl``.
 """
@@ -16,19 +17,17 @@ import torch
 import torch.distributed as dist
 from olmo_core.train.callbacks import Callback
 
-from olmoe_gatepro.core import metrics
-from olmoe_gatepro.olmo_core.run_config import GateProRunConfig
-from olmoe_gatepro.jsonl import append_record, read_records, rewrite_records
-from olmoe_gatepro.olmo_core.patch import patch_olmo_core
+from olmoe_gatepro.core.config import GateProRunConfig
 from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
+    finish_recording,
     gatepro_routers,
     refresh_partners,
-    router_weight_matrix,
     set_gatepro,
     start_recording,
-    stop_recording,
 )
+from olmoe_gatepro.jsonl import append_record, drop_after_step
+from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
 __all__ = ["GateProCallback", "METRICS_FILE"]
 
@@ -56,18 +55,19 @@ class GateProCallback(Callback):
     def _metrics_path(self) -> str:
         return os.path.join(str(self.trainer.save_folder), self.metrics_file)
 
+    def _trained(self, tokens_before_step: int, steps_before_step: int) -> int:
+        return tokens_before_step if self.gatepro.schedule_unit == "tokens" else steps_before_step
+
     def pre_train(self) -> None:
-        tokens = self.trainer.global_train_tokens_seen
-        patch_olmo_core(model=self._model, config=self.gatepro.router_config(tokens))
-        if self._is_writer() and os.path.exists(self._metrics_path):
-            # Drop a cut-short line and lines of steps after the checkpoint we resume from.
-            step = self.trainer.global_step
-            rewrite_records(self._metrics_path, [r for r in read_records(self._metrics_path) if r["step"] <= step])
+        trained = self._trained(self.trainer.global_train_tokens_seen, self.trainer.global_step)
+        patch_olmo_core(model=self._model, config=self.gatepro.router_config(trained))
+        if self._is_writer():
+            drop_after_step(self._metrics_path, self.trainer.global_step)
 
     def pre_step(self, batch) -> None:
         batch_tokens = self.trainer.data_loader.global_num_tokens_in_batch(batch) or 0
         tokens_before_step = self.trainer.global_train_tokens_seen - batch_tokens
-        wanted = self.gatepro.active_at(tokens_before_step)
+        wanted = self.gatepro.active_at(self._trained(tokens_before_step, self.trainer.global_step - 1))
         routers = gatepro_routers(self._model)
         if getattr(routers[0], SETTINGS_ATTR).enabled != wanted:
             set_gatepro(self._model, enabled=wanted)
@@ -82,7 +82,7 @@ class GateProCallback(Callback):
             return
         self._recording = False
         routers = gatepro_routers(self._model)
-        layers = [self._layer_metrics(router) for router in routers]
+        layers = [finish_recording(router) for router in routers]
         for index, layer in enumerate(layers):
             for name, value in layer.items():
                 self.trainer.record_metric(f"layer {index:02d}/{name}", value, namespace="gatepro")
@@ -95,20 +95,6 @@ class GateProCallback(Callback):
             }
             os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
             append_record(self._metrics_path, record)
-
-    def _layer_metrics(self, router) -> dict:
-        tally = stop_recording(router)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(tally)
-        num_experts = router.num_experts
-        counts, flipped, tokens = tally[:num_experts], tally[num_experts].item(), tally[num_experts + 1].item()
-        weight = router_weight_matrix(router)
-        return {
-            "zero_token_count": int((counts == 0).sum().item()),
-            "load_imbalance": (counts.max() / counts.mean()).item() if tokens else float("nan"),
-            "flip_rate": flipped / tokens if tokens else float("nan"),
-            **metrics.router_weight_metrics(weight),
-        }
 
     def _is_writer(self) -> bool:
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.config import GateProRunConfig
 
 __all__ = [
     "GateProRunConfig",
@@ -23,48 +23,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config file, key or override that cannot be used; the message names where it came from."""
-
-
-@dataclass(frozen=True)
-class GateProRunConfig(GateProConfig):
-    """The ``gatepro:`` block of a training config: router settings plus the hot-swap schedule.
-
-    Attributes:
-        enabled: master switch; False trains the baseline whatever the schedule says.
-        on_from_tokens: GatePro is on once this many tokens have been trained on (paper: 0).
-        off_after_tokens: and off again from this many tokens on; None never switches it off
-            (the paper's Table 3 switches off at 100B, 200B, 300B or 400B of 500B).
-    """
-
-    enabled: bool = False
-    on_from_tokens: int = 0
-    off_after_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.on_from_tokens, bool) or not isinstance(self.on_from_tokens, int) or self.on_from_tokens < 0:
-            raise ValueError(f"on_from_tokens must be an int >= 0; got {self.on_from_tokens!r}")
-        off = self.off_after_tokens
-        if off is not None and (isinstance(off, bool) or not isinstance(off, int) or off <= self.on_from_tokens):
-            raise ValueError(
-                f"off_after_tokens must be None or an int > on_from_tokens ({self.on_from_tokens}); got {off!r}"
-            )
-
-    def active_at(self, tokens_seen: int) -> bool:
-        """Whether GatePro routes the step that starts after ``tokens_seen`` tokens."""
-        if not self.enabled or tokens_seen < self.on_from_tokens:
-            return False
-        return self.off_after_tokens is None or tokens_seen < self.off_after_tokens
-
-    def router_config(self, tokens_seen: int) -> GateProConfig:
-        """The per-router settings for the step that starts after ``tokens_seen`` tokens."""
-        return GateProConfig(
-            enabled=self.active_at(tokens_seen),
-            penalty=self.penalty,
-            num_competitors=self.num_competitors,
-            hard=self.hard,
-            partner_refresh_steps=self.partner_refresh_steps,
-        )
 
 
 def _check(condition: bool, message: str) -> None:

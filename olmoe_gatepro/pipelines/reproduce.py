@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from olmoe_gatepro.evaluation.compare import compare
+from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.olmo_core.run_config import load_run_config
 from olmoe_gatepro.jsonl import rewrite_records, write_text_atomically
@@ -71,6 +72,7 @@ class ReproducePreset:
     eval_limit: int
     eval_batch_size: int = 16
     eval_tasks: tuple[str, ...] = TASKS
+    inspect_tokens: int = 16384  # benchmark-item tokens routed through every final checkpoint by ``inspect``
 
     def runs(self) -> list[tuple[str, GateProConfig, int]]:
         """(folder name, GatePro setting, seed) of every training, arm by arm."""
@@ -78,6 +80,7 @@ class ReproducePreset:
 
 
 LOCK_FILE = ".reproduce.lock"
+ROUTING_FOLDER = "routing"  # inspect's report, inside the report folder
 OFF = GateProConfig(enabled=False)
 PRESETS = {
     # About 7 minutes on a 2-core CPU (measured: docs/olmo-core-end-to-end.md is for the OLMo-core path).
@@ -95,6 +98,7 @@ PRESETS = {
         seeds=(0, 1),
         eval_limit=2,
         eval_tasks=("arc_challenge", "copa"),  # two tasks keep the tests short; test_eval covers all five
+        inspect_tokens=256,
     ),
 }
 
@@ -126,6 +130,25 @@ def _eval_stage(preset: ReproducePreset, name: str, gatepro: GateProConfig, fold
     write_evaluation(folder, "lm-eval", result, items)
     return (f"evaluate {name}: {', '.join(preset.eval_tasks)} (limit {preset.eval_limit} each) "
             f"in {time.monotonic() - started:.0f} s")
+
+
+def _inspect_stage(preset: ReproducePreset, runs, out_dir: str, folder: str) -> dict:
+    """``inspect`` of every final checkpoint, each routed as it was evaluated, unless done; the routing record."""
+    done = os.path.join(folder, "routing.json")
+    if os.path.exists(done):
+        print(f"inspect: done ({done})", flush=True)
+        with open(done) as file:
+            return json.load(file)
+    started = time.monotonic()
+    models = [ModelToInspect(os.path.join(out_dir, name, "checkpoint"), name, gatepro=gatepro if gatepro.enabled else None)
+              for name, gatepro, _ in runs]
+    with deterministic_cpu():
+        routing = inspect_models(models, TextSource(max_tokens=preset.inspect_tokens, sequence_length=preset.run.seq_len),
+                                 batch_size=16)
+    write_report(routing, folder)
+    print(f"inspect: {len(models)} checkpoints, {preset.inspect_tokens} tokens each, in "
+          f"{time.monotonic() - started:.0f} s", flush=True)
+    return routing
 
 
 def _in_workers(function, jobs: list[tuple], workers: int) -> None:
@@ -201,8 +224,15 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
                                for name, gatepro, seed in runs], workers)
     _in_workers(_eval_stage, [(preset, name, gatepro, os.path.join(out_dir, name)) for name, gatepro, _ in runs], workers)
     report = os.path.join(out_dir, "report")
+    routing = _inspect_stage(preset, runs, out_dir, os.path.join(report, ROUTING_FOLDER))
     compare({arm: [os.path.join(out_dir, f"{arm}-seed{seed}") for seed in preset.seeds] for arm, _ in preset.arms},
             report)
+    table = os.path.join(report, "table.md")
+    with open(table) as file:
+        text = file.read()
+    summary = summary_markdown(routing, f"{ROUTING_FOLDER}/routing.md")
+    print(summary, flush=True)
+    write_text_atomically(table, f"{text}\n{summary}")
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
     print(f"report: {report}")
     return report
@@ -273,7 +303,7 @@ def pipeline_stages(
     hub_data = preset.hub_eval_data and not shipped_eval_data
     cli = [sys.executable, "-m", "olmoe_gatepro.cli"]
     launch = shlex.split(launcher) if launcher else [sys.executable, "-m", "torch.distributed.run", *shlex.split(preset.torchrun_args)]
-    stages, folders = [], []
+    stages, folders, hf_folders, penalties = [], [], [], []
     if preset.local_corpus:
         tokens = os.path.join(out_dir, "tokens")
         sources = [inspect.getsourcefile(importlib.import_module(name)) for name in CORPUS_MODULES]
@@ -306,9 +336,14 @@ def pipeline_stages(
                   os.path.join(folder, IN_LOOP_RESULT_FILE)),
         ]
         folders.append(folder)
+        hf_folders.append(hf)
+        penalties.append(repr(run.gatepro.penalty) if run.gatepro.enabled else "0")
     report = os.path.join(out_dir, "report")
     in_loop_report = os.path.join(report, "olmo-in-loop")
+    routing = os.path.join(report, ROUTING_FOLDER)
     stages += [
+        Stage("inspect", [*cli, "inspect", *hf_folders, "--label", *preset.configs, "--gatepro-penalty", *penalties,
+                          "--out", routing], os.path.join(routing, "routing.json")),
         Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")),
         Stage("compare (olmo-in-loop)", [*cli, "compare", *folders, "--suite", "olmo-in-loop", "--out", in_loop_report],
               os.path.join(in_loop_report, "table.md")),

@@ -28,6 +28,7 @@ from torch import nn
 
 from olmoe_gatepro.core import metrics
 from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.gatepro import competition_partners
 from olmoe_gatepro.pipelines.data_prep import byte_tokenizer
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.core.router_state import refresh_partners
@@ -54,6 +55,9 @@ LAYER_METRICS = (
     "zero_token_count",
     "load_imbalance",
     "flip_rate",
+    "partner_coactivation",
+    "partner_coactivation_chance",
+    "margin_below_penalty",
 )
 
 
@@ -198,18 +202,22 @@ class _RouterRecorder:
 def _layer_metrics(router: nn.Module, recorded_input, chosen, gatepro: GateProConfig) -> dict[str, float]:
     weight = router.weight.detach()
     raw_logits = torch.nn.functional.linear(recorded_input, weight)
+    num_experts, top_k = router.num_experts, router.top_k
     return {
         **metrics.router_weight_metrics(weight),
-        "zero_token_count": metrics.zero_token_count(chosen, router.num_experts),
-        "load_imbalance": metrics.load_imbalance(chosen, router.num_experts),
+        "zero_token_count": metrics.zero_token_count(chosen, num_experts),
+        "load_imbalance": metrics.load_imbalance(chosen, num_experts),
         "flip_rate": metrics.flip_rate(
             raw_logits,
             weight,
-            router.top_k,
+            top_k,
             gatepro.penalty,
             num_competitors=gatepro.num_competitors,
             hard=gatepro.hard,
         ),
+        "partner_coactivation": metrics.partner_hits(chosen, competition_partners(weight)).item() / chosen.numel(),
+        "partner_coactivation_chance": metrics.partner_coactivation_chance(num_experts, top_k),
+        "margin_below_penalty": (metrics.boundary_margins(raw_logits, top_k) < gatepro.penalty).double().mean().item(),
     }
 
 

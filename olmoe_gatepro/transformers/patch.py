@@ -26,6 +26,7 @@ from torch import nn
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
+    is_recording,
     refresh_partners,
     restore_classes,
     route,
@@ -56,6 +57,8 @@ def _check_version() -> None:
 def _gatepro_forward(stock: Callable, family: RouterFamily) -> Callable:
     def forward(self, hidden_states: torch.Tensor):
         if not getattr(self, SETTINGS_ATTR).enabled or self.num_experts < 2:
+            if is_recording(self):  # tally what GatePro would change in the stock routing
+                route(self, F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight).detach())
             return stock(self, hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         raw_logits = F.linear(hidden_states, self.weight)

