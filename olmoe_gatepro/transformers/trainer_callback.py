@@ -1,0 +1,101 @@
+"""A ``transformers.Trainer`` callback: GatePro's hot-swap schedule and its routing metrics.
+
+``GateProTrainerCallback.attach(trainer, gatepro)`` patches the trainer's model when training
+begins (every supported MoE family, ``patch_transformers(model=...)``) and, before every
+optimizer step, sets GatePro on or off from the tokens (``Trainer`` counts them with
+``include_num_input_tokens_seen``) or optimizer steps trained before that step; the Trainer
+restores both from a checkpoint, so a resumed run is in exactly the state an uninterrupted one
+would be. Cached partner tables are refreshed once per optimizer step. Every
+``metrics_interval`` steps it tallies, over all micro-batches of that step and all ranks, each
+MoE layer's zero-token count, load imbalance, flip rate, partner co-activation and boundary
+margins below lambda, adds the gate similarity metrics, and logs them through ``Trainer.log``
+(so ``report_to`` integrations get them) and, on the main process only, as one JSON line in
+``<output_dir>/gatepro_metrics.jsonl``.
+"""
+
+import os
+
+from transformers import TrainerCallback
+
+from olmoe_gatepro.core.config import GateProRunConfig
+from olmoe_gatepro.core.router_state import (
+    SETTINGS_ATTR,
+    finish_recording,
+    gatepro_routers,
+    refresh_partners,
+    set_gatepro,
+    start_recording,
+)
+from olmoe_gatepro.jsonl import append_record, drop_after_step
+from olmoe_gatepro.transformers.patch import patch_transformers
+
+__all__ = ["GateProTrainerCallback", "METRICS_FILE"]
+
+METRICS_FILE = "gatepro_metrics.jsonl"
+
+
+class GateProTrainerCallback(TrainerCallback):
+    """Apply ``gatepro``'s schedule to a ``Trainer``'s model and log routing metrics.
+
+    Use ``GateProTrainerCallback.attach(trainer, gatepro)``: the callback logs through the
+    trainer it is attached to.
+    """
+
+    def __init__(self, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100):
+        if isinstance(metrics_interval, bool) or not isinstance(metrics_interval, int) or metrics_interval < 1:
+            raise ValueError(f"metrics_interval must be an int >= 1; got {metrics_interval!r}")
+        self.trainer, self.gatepro, self.metrics_interval = trainer, gatepro, metrics_interval
+        self._recording = False
+
+    @classmethod
+    def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":
+        """A callback for ``trainer``, added to its callbacks."""
+        if gatepro.schedule_unit == "tokens" and trainer.args.include_num_input_tokens_seen == "no":
+            raise ValueError("the GatePro schedule counts tokens: set TrainingArguments(include_num_input_tokens_seen="
+                             "'all'), or schedule in steps (on_from_steps / off_after_steps)")
+        callback = cls(trainer, gatepro, metrics_interval)
+        trainer.add_callback(callback)
+        return callback
+
+    def _position(self, state) -> int:
+        """Tokens or optimizer steps trained before the step about to run."""
+        return state.num_input_tokens_seen if self.gatepro.schedule_unit == "tokens" else state.global_step
+
+    def _metrics_path(self, args) -> str:
+        return os.path.join(args.output_dir, METRICS_FILE)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        patch_transformers(model=model, config=self.gatepro.router_config(self._position(state)))
+        if state.is_world_process_zero:
+            drop_after_step(self._metrics_path(args), state.global_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        routers = gatepro_routers(model)
+        wanted = self.gatepro.active_at(self._position(state))
+        if getattr(routers[0], SETTINGS_ATTR).enabled != wanted:
+            set_gatepro(model, enabled=wanted)
+        step = state.global_step + 1
+        refresh_partners(model, step)
+        self._recording = step % self.metrics_interval == 0
+        if self._recording:
+            for router in routers:
+                start_recording(router)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self._recording:
+            return
+        self._recording = False
+        routers = gatepro_routers(model)
+        layers = [finish_recording(router) for router in routers]
+        should_log = control.should_log  # Trainer.log clears it; the Trainer's own logging of this step must still run
+        self.trainer.log({f"gatepro/layer_{index:02d}/{name}": value
+                          for index, layer in enumerate(layers) for name, value in layer.items()})
+        control.should_log = should_log
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            append_record(self._metrics_path(args), {
+                "step": state.global_step,
+                "tokens": state.num_input_tokens_seen,
+                "gatepro_active": getattr(routers[0], SETTINGS_ATTR).enabled,
+                "layers": layers,
+            })
