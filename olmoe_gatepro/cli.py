@@ -210,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     convert.add_argument("--no-validate", action="store_true",
                          help="skip comparing the converted model's logits with OLMo-core's")
+    resume = command("continue", help="continue training a Hugging Face MoE checkpoint with the Trainer, GatePro on or off")
+    resume.add_argument("model", help="a Hugging Face folder or hub id (OLMoE, Qwen-MoE, FlexOlmo, Mixtral, ...)")
+    resume.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="OLMo-core token files (.npy) or text / .jsonl files (tokenised with the model's tokenizer)")
+    resume.add_argument("--train-tokens", type=_count, required=True, help="tokens to train on, e.g. 2e9")
+    arm = resume.add_mutually_exclusive_group(required=True)
+    arm.add_argument("--gatepro-penalty", type=float, default=None, help="the GatePro arm, at this lambda")
+    arm.add_argument("--baseline", action="store_true", help="the arm without GatePro (its routing is still recorded)")
+    resume.add_argument("--out", required=True, help="run folder: checkpoints, gatepro_metrics.jsonl, and hf/ at the end")
+    resume.add_argument("--revision", default=None, help="hub revision of the model")
+    resume.add_argument("--tokens-dtype", choices=("uint16", "uint32"), default="uint16", help="raw token files' dtype")
+    for flag, default, text in (("--sequence-length", 2048, "tokens per sequence"),
+                                ("--batch-size", 4, "sequences per process and micro-batch"),
+                                ("--gradient-accumulation-steps", 1, "micro-batches per optimizer step"),
+                                ("--warmup-steps", 0, "linear warmup steps (then cosine decay)"),
+                                ("--seed", 0, "data order and initial RNG"),
+                                ("--metrics-interval", 10, "log routing metrics every this many steps")):
+        resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+    resume.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
+    resume.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPUs)")
     selftest = command("selftest", help="check that GatePro works on this machine (GPU, else CPU) and what it costs")
     selftest.add_argument("--quick", action="store_true", help="smaller measurements (under 2 minutes on a 2-core CPU)")
     selftest.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
@@ -292,6 +312,8 @@ def _run(args, overrides: list[str], command) -> int | None:
         return _convert(args, overrides, command)
     elif args.command == "inspect":
         return _inspect(args, command)
+    elif args.command == "continue":
+        return _continue(args, command)
     elif args.command == "selftest":
         return _selftest(args, command)
     elif args.command == "prepare-data":
@@ -508,6 +530,43 @@ def _inspect(args, command) -> int:
         print(f"{model['label']}: {model['tokens']} tokens, {len(rates)} MoE layers, partner co-activation "
               f"{100 * sum(rates) / len(rates):.2f}% on average (chance {100 * model['layers'][0]['partner_coactivation_chance']:.2f}%)")
     print(f"wrote {', '.join(names)} to {args.out}")
+    return 0
+
+
+def _count(text: str) -> int:
+    """A whole number, also written like 2e9."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 2000000 or 2e9, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def _continue(args, command) -> int:
+    from olmoe_gatepro.core.config import GateProRunConfig
+    from olmoe_gatepro.pipelines.continued_training import ContinuedTraining, continue_training
+
+    _check_model(args.model, command)
+    _check_out_folder(args.out, command)
+    try:
+        gatepro = GateProRunConfig(enabled=not args.baseline, penalty=args.gatepro_penalty or 1e-4)
+    except ValueError as error:
+        command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
+    fields = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "batch_size", "gradient_accumulation_steps",
+              "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16")
+    try:
+        spec = ContinuedTraining(model=args.model, data=tuple(args.data), gatepro=gatepro,
+                                 **{name: getattr(args, name) for name in fields})
+        record = continue_training(spec, args.out)
+    except (ValueError, FileExistsError) as error:
+        message = str(error)
+        name = message.split()[0].rstrip(":")
+        if name in (*fields, "data"):  # the field's flag: --train-tokens, --data, ...
+            message = f"--{name.replace('_', '-')}: {message.removeprefix('data: ')}"
+        command.error(message)
+    print(f"continued {args.model} for {record['steps']} steps ({record['tokens']} tokens); wrote {args.out}/hf")
     return 0
 
 

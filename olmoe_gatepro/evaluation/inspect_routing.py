@@ -39,6 +39,7 @@ from olmoe_gatepro.core import metrics
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.jsonl import write_text_atomically
+from olmoe_gatepro.pipelines.data_prep import iter_documents, read_token_file
 
 __all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
            "to_csv", "summary_markdown"]
@@ -46,7 +47,6 @@ __all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models"
 DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
 QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
 OUTPUT = "routing.json"
-TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 @dataclass(frozen=True)
@@ -127,35 +127,8 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _read_token_file(path: str, dtype: str) -> np.ndarray:
-    """The flat token ids of an OLMo-core token file (raw) or a ``numpy.save`` file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--tokens {path}: no such file")
-    with open(path, "rb") as file:
-        is_npy = file.read(6) == b"\x93NUMPY"
-    if is_npy:
-        try:
-            tokens = np.load(path, mmap_mode="r")
-        except ValueError as error:
-            raise ValueError(f"--tokens {path}: not a readable .npy file ({error})") from None
-        if tokens.dtype.kind not in "iu":
-            raise ValueError(f"--tokens {path}: holds {tokens.dtype}, not integer token ids")
-        tokens = tokens.reshape(-1)
-    else:
-        size, itemsize = os.path.getsize(path), np.dtype(TOKEN_DTYPES[dtype]).itemsize
-        if size % itemsize:
-            raise ValueError(f"--tokens {path}: {size} bytes is not a whole number of {dtype} tokens "
-                             "(see --tokens-dtype)")
-        tokens = np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r") if size else np.zeros(0, np.uint16)
-    if tokens.size == 0:
-        raise ValueError(f"--tokens {path}: the file holds no tokens")
-    return tokens
-
-
 def _document_tokens(source: TextSource, tokenizer) -> list[int]:
     """Token ids of the text files (or benchmark items), an EOS after each document, up to ``max_tokens``."""
-    from olmoe_gatepro.pipelines.data_prep import iter_documents
-
     if source.texts:
         documents = (document for path in source.texts for document in iter_documents(path))
     else:
@@ -175,7 +148,7 @@ def _document_tokens(source: TextSource, tokenizer) -> list[int]:
 def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: int, label: str) -> list[torch.Tensor]:
     """The token ids cut into windows of ``sequence_length`` (the last may be shorter)."""
     if source.tokens is not None:
-        ids = torch.from_numpy(np.asarray(_read_token_file(source.tokens, source.tokens_dtype)[: source.max_tokens],
+        ids = torch.from_numpy(np.asarray(read_token_file(source.tokens, source.tokens_dtype, flag='--tokens')[: source.max_tokens],
                                           dtype=np.int64))
         where = f"--tokens {source.tokens}"
     else:

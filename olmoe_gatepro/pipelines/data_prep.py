@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "write_token_files"]
+__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "read_token_file", "write_token_files"]
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -85,6 +85,31 @@ def iter_documents(path: str) -> Iterator[str]:
         return
     with open(path, encoding="utf-8") as file:
         yield file.read()
+
+
+def read_token_file(path: str, dtype: str, flag: str = "token file") -> np.ndarray:
+    """The flat token ids of an OLMo-core token file (raw ``dtype``) or a ``numpy.save`` file; errors name ``flag``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    with open(path, "rb") as file:
+        is_npy = file.read(6) == b"\x93NUMPY"
+    if is_npy:
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except ValueError as error:
+            raise ValueError(f"{flag} {path}: not a readable .npy file ({error})") from None
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"{flag} {path}: holds {tokens.dtype}, not integer token ids")
+        tokens = tokens.reshape(-1)
+    else:
+        size, itemsize = os.path.getsize(path), np.dtype(DTYPES[dtype]).itemsize
+        if size % itemsize:
+            raise ValueError(f"{flag} {path}: {size} bytes is not a whole number of {dtype} tokens "
+                             "(see --tokens-dtype)")
+        tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r") if size else np.zeros(0, np.uint16)
+    if tokens.size == 0:
+        raise ValueError(f"{flag} {path}: the file holds no tokens")
+    return tokens
 
 
 def write_token_files(

@@ -50,7 +50,8 @@ class GateProTrainerCallback(TrainerCallback):
     @classmethod
     def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":
         """A callback for ``trainer``, added to its callbacks."""
-        if gatepro.schedule_unit == "tokens" and trainer.args.include_num_input_tokens_seen == "no":
+        switches_by_tokens = gatepro.schedule_unit == "tokens" and (gatepro.on_from_tokens or gatepro.off_after_tokens)
+        if switches_by_tokens and trainer.args.include_num_input_tokens_seen == "no":
             raise ValueError("the GatePro schedule counts tokens: set TrainingArguments(include_num_input_tokens_seen="
                              "'all'), or schedule in steps (on_from_steps / off_after_steps)")
         callback = cls(trainer, gatepro, metrics_interval)
