@@ -82,20 +82,31 @@ def test_coactivation_and_margins_on_a_hand_case():
     assert metrics.partner_hits(chosen, torch.tensor(reference_partners(weight))).item() == 4
 
 
-def test_tiny_trainer_layer_metrics_match_the_plain_loop_reference():
-    from olmoe_gatepro import GateProConfig
+@pytest.mark.parametrize("enabled", [True, False])
+def test_transformers_router_recording_matches_the_plain_loop_reference(enabled):
+    from olmoe_gatepro import patch_transformers, unpatch
     from olmoe_gatepro.core.reference import reference_margin_fraction, reference_partner_coactivation
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, _layer_metrics, build_tiny_olmoe
+    from olmoe_gatepro.core.router_state import finish_recording, start_recording
+    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
     from olmoe_gatepro.transformers.patch import olmoe_routers
 
     model = build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=8, top_k=3, hidden_size=32, num_heads=2))
-    router = olmoe_routers(model)[0]
-    hidden = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        chosen = router(hidden)[2]
-    logits = torch.nn.functional.linear(hidden, router.weight.detach())
-    got = _layer_metrics(router, hidden, chosen, GateProConfig(penalty=0.05))
-    assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, router.weight))
+    patch_transformers(model=model, penalty=0.05, enabled=enabled)
+    try:
+        router = olmoe_routers(model)[0]
+        hidden = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+        start_recording(router)
+        with torch.no_grad():
+            chosen = router(hidden)[2]
+        got = finish_recording(router)
+    finally:
+        unpatch()
+    weight = router.weight.detach()
+    logits = torch.nn.functional.linear(hidden, weight)
+    assert got["routed_tokens"] == 50
+    assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, weight))
     assert got["partner_coactivation_chance"] == pytest.approx(2 / 7)
     assert got["margin_below_penalty"] == pytest.approx(reference_margin_fraction(logits, 3, 0.05))
-    assert 0 < got["margin_below_penalty"] < 1 and got["partner_coactivation"] > 0
+    assert got["flip_rate"] == pytest.approx(metrics.flip_rate(logits, weight, 3, 0.05))
+    assert got["zero_token_count"] == metrics.zero_token_count(chosen, 8)
+    assert 0 < got["margin_below_penalty"] < 1 and got["partner_coactivation"] > 0 and got["flip_rate"] > 0

@@ -3,7 +3,9 @@
 The corpus is built locally with no network: the UTF-8 bytes of the source of a fixed list of
 Python standard-library modules, tokenised byte by byte (vocabulary 256), so a step costs
 little. Both runs start from the same initial weights and see the same batches; only the
-GatePro setting differs.
+GatePro setting differs. Training goes through ``transformers.Trainer`` with
+``GateProTrainerCallback`` (AdamW, betas 0.9/0.95, weight decay 0.01 off norms and biases,
+constant learning rate, no clipping), fed the drawn batches in order.
 
 Determinism: on the CPU, training runs inside ``deterministic_cpu()``: one intra-op thread and
 torch's deterministic algorithms. torch's CPU kernels sum in an order that depends on the
@@ -20,19 +22,20 @@ import json
 import math
 import os
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from olmoe_gatepro.core import metrics
-from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.core.gatepro import competition_partners
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
+from olmoe_gatepro.jsonl import read_records, write_text_atomically
 from olmoe_gatepro.pipelines.data_prep import byte_tokenizer
-from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.core.router_state import refresh_partners
-from olmoe_gatepro.transformers.patch import olmoe_routers, patch_transformers
+from olmoe_gatepro.transformers.trainer_callback import METRICS_FILE, GateProTrainerCallback
 
 __all__ = [
     "TinyRunConfig",
@@ -58,6 +61,7 @@ LAYER_METRICS = (
     "partner_coactivation",
     "partner_coactivation_chance",
     "margin_below_penalty",
+    "routed_tokens",
 )
 
 
@@ -172,53 +176,44 @@ def save_checkpoint(model: nn.Module, folder: str) -> None:
 
 
 def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
-    """(steps, batch, seq_len + 1) windows of ``tokens`` in a seeded random order."""
+    """(steps, batch, seq_len) windows of ``tokens`` in a seeded random order."""
     generator = torch.Generator().manual_seed(config.seed)
     starts = torch.randint(
-        0, tokens.numel() - config.seq_len - 1, (config.steps, config.batch_size), generator=generator
+        0, tokens.numel() - config.seq_len, (config.steps, config.batch_size), generator=generator
     )
-    return tokens[starts.unsqueeze(-1) + torch.arange(config.seq_len + 1)]
+    return tokens[starts.unsqueeze(-1) + torch.arange(config.seq_len)]
 
 
-class _RouterRecorder:
-    """Keeps each router's last input (N_tokens, d) and chosen experts (N_tokens, k) while on."""
+class _InOrder(torch.utils.data.IterableDataset):
+    """The drawn windows, step after step: the Trainer gets exactly these batches in this order."""
 
-    def __init__(self, routers: list[nn.Module]):
-        self.inputs: list[torch.Tensor | None] = [None] * len(routers)
-        self.chosen: list[torch.Tensor | None] = [None] * len(routers)
-        self.active = False
-        for layer, router in enumerate(routers):
-            router.register_forward_hook(self._hook(layer))
+    def __init__(self, batches: torch.Tensor):
+        self.batches = batches
 
-    def _hook(self, layer: int):
-        def record(module, args, output):
-            if self.active:
-                self.inputs[layer] = args[0].detach().reshape(-1, module.hidden_dim)
-                self.chosen[layer] = output[2].detach()
-
-        return record
+    def __iter__(self):
+        for window in self.batches.reshape(-1, self.batches.shape[-1]):
+            yield {"input_ids": window, "labels": window}
 
 
-def _layer_metrics(router: nn.Module, recorded_input, chosen, gatepro: GateProConfig) -> dict[str, float]:
-    weight = router.weight.detach()
-    raw_logits = torch.nn.functional.linear(recorded_input, weight)
-    num_experts, top_k = router.num_experts, router.top_k
-    return {
-        **metrics.router_weight_metrics(weight),
-        "zero_token_count": metrics.zero_token_count(chosen, num_experts),
-        "load_imbalance": metrics.load_imbalance(chosen, num_experts),
-        "flip_rate": metrics.flip_rate(
-            raw_logits,
-            weight,
-            top_k,
-            gatepro.penalty,
-            num_competitors=gatepro.num_competitors,
-            hard=gatepro.hard,
-        ),
-        "partner_coactivation": metrics.partner_hits(chosen, competition_partners(weight)).item() / chosen.numel(),
-        "partner_coactivation_chance": metrics.partner_coactivation_chance(num_experts, top_k),
-        "margin_below_penalty": (metrics.boundary_margins(raw_logits, top_k) < gatepro.penalty).double().mean().item(),
-    }
+class _LossRecorder(TrainerCallback):
+    """At each logged step: the Trainer's mean training loss since the last one, and the held-out loss."""
+
+    def __init__(self, held_out: torch.Tensor, log_every: int):
+        self.held_out, self.log_every = held_out, log_every
+        self.losses: dict[int, dict[str, float]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.log_every:
+            return
+        model.eval()
+        with torch.no_grad():
+            held_out = model(input_ids=self.held_out, labels=self.held_out).loss.item()
+        model.train()
+        self.losses[state.global_step] = {"held_out_loss": held_out}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.global_step in self.losses:
+            self.losses[state.global_step]["loss"] = float(logs["loss"])
 
 
 def train_tiny(
@@ -228,57 +223,55 @@ def train_tiny(
     progress=None,
     checkpoint_dir: str | None = None,
 ) -> list[dict]:
-    """Train one tiny OLMoE; return a record per logged step with loss and per-layer metrics.
+    """Train one tiny OLMoE with ``transformers.Trainer`` and ``GateProTrainerCallback``.
 
+    Returns a record per logged step (every ``log_every``): the mean training loss since the
+    previous one, the held-out loss and the callback's per-layer routing metrics.
     ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
     other settings of ``gatepro`` would change in the baseline's routing. With
     ``checkpoint_dir`` the trained model is saved there (stock keys, byte tokenizer). On the
     CPU it runs inside ``deterministic_cpu()``.
     """
     context = deterministic_cpu() if torch.device(config.device).type == "cpu" else contextlib.nullcontext()
-    with context:
-        return _train(config, gatepro, tokens, progress, checkpoint_dir)
+    with context, tempfile.TemporaryDirectory(prefix="olmoe-gatepro-tiny-") as output_dir:
+        return _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir)
 
 
-def _train(config, gatepro, tokens, progress, checkpoint_dir) -> list[dict]:
-    device = torch.device(config.device)
-    model = build_tiny_olmoe(config).to(device)
-    patch_transformers(model=model, config=gatepro)
-    routers = olmoe_routers(model)
-    recorder = _RouterRecorder(routers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95))
+def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> list[dict]:
+    from transformers import Trainer, TrainingArguments
+
     split = int(tokens.numel() * 0.9)
-    train_batches = _batches(tokens[:split], config).to(device)
-    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0].to(device)
-    records = []
-    model.train()
-    for step in range(1, config.steps + 1):
-        refresh_partners(model, step)
-        batch = train_batches[step - 1]
-        logging = step % config.log_every == 0 or step == config.steps
-        recorder.active = logging
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if logging:
-            recorder.active = False
-            with torch.no_grad():
-                held_out_loss = model(
-                    input_ids=held_out[:, :-1], labels=held_out[:, 1:].contiguous()
-                ).loss.item()
-            layers = [
-                _layer_metrics(router, recorder.inputs[i], recorder.chosen[i], gatepro)
-                for i, router in enumerate(routers)
-            ]
-            records.append(
-                {"step": step, "loss": loss.item(), "held_out_loss": held_out_loss, "layers": layers}
-            )
-        if progress is not None:
-            progress(step, config.steps, loss.item())
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
+    model = build_tiny_olmoe(config)
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate, adam_beta2=0.95, weight_decay=0.01, lr_scheduler_type="constant",
+        max_grad_norm=0.0, save_strategy="no", logging_steps=config.log_every, report_to="none", seed=config.seed,
+        use_cpu=torch.device(config.device).type == "cpu", disable_tqdm=True, log_level="error",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_InOrder(_batches(tokens[:split], config)))
+    schedule = GateProRunConfig(**dataclasses.asdict(gatepro))
+    GateProTrainerCallback.attach(trainer, schedule, metrics_interval=config.log_every)
+    losses = _LossRecorder(held_out.to(trainer.args.device), config.log_every)
+    trainer.add_callback(losses)
+    trainer.remove_callback(PrinterCallback)
+    if progress is not None:
+        trainer.add_callback(_Progress(progress, config.steps, losses))
+    trainer.train()
+    records = [{"step": line["step"], **losses.losses[line["step"]], "layers": line["layers"]}
+               for line in read_records(os.path.join(output_dir, METRICS_FILE))]
     if checkpoint_dir is not None:
-        save_checkpoint(model.cpu(), checkpoint_dir)
+        save_checkpoint(trainer.model.cpu(), checkpoint_dir)
     return records
+
+
+class _Progress(TrainerCallback):
+    def __init__(self, progress, steps: int, losses: _LossRecorder):
+        self.progress, self.steps, self.losses = progress, steps, losses
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.progress(state.global_step, self.steps, float(logs["loss"]))
 
 
 def compare_tiny(
