@@ -24,9 +24,11 @@ prints every command instead.
 
 Report folder (printed at the end): ``report/table.md`` (the verdict, the paper's Table 2
 layout with paired statistics, and how much GatePro changed routing per layer), ``table.csv``,
-``comparison.json``, ``deltas.png`` (a forest plot), ``zero_token_count.png`` and
-``diversity.png`` (Figures 4 and 5 style), and ``settings.json`` (everything the run used); each
-model's folder holds its checkpoint, training metrics, evaluation result and per-item outcomes.
+``comparison.json``, ``deltas.png`` (a forest plot), ``zero_token_count.png``,
+``coactivation.png`` and ``diversity.png`` (Figures 4 and 5 style), ``routing/`` (``inspect`` of
+every final checkpoint on the same text; its summary closes ``table.md``) and ``settings.json``
+(everything the run used); each model's folder holds its checkpoint, training metrics,
+evaluation result and per-item outcomes.
 """
 
 import contextlib
