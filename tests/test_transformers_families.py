@@ -152,6 +152,9 @@ def test_router_compiles_without_graph_breaks(family):
     compiled = torch.compile(router, fullgraph=True, backend="aot_eager")  # exact; inductor may fuse to 1 ulp
     for got, want in zip(compiled(hidden), router(hidden)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    set_gatepro(model, enabled=False)  # the switched-off path (it checks for a metrics recording) too
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(router)(hidden).graph_break_count == 0
 
 
 def test_class_wide_patch_takes_the_families_to_patch():

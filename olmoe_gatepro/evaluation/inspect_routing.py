@@ -195,7 +195,9 @@ class _LayerTally:
         load = counts / counts.sum()
         margins = torch.cat(self.margins).double()
         finite = margins[margins.isfinite()]
-        quantiles = {name: (torch.quantile(finite, q).item() if finite.numel() else None) for name, q in QUANTILES.items()}
+        # numpy: torch.quantile refuses more than 2^24 values
+        quantiles = {name: (float(np.quantile(finite.numpy(), q)) if finite.numel() else None)
+                     for name, q in QUANTILES.items()}
         return {
             "layer": layer,
             "expert_tokens": [int(count) for count in counts.tolist()],
