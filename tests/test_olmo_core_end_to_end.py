@@ -111,3 +111,23 @@ def test_baseline_and_gatepro_checkpoints_load_in_stock_transformers(runs):
         assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
     provenance = json.loads((root / "hf-baseline/olmoe_gatepro.json").read_text())
     assert provenance["step"] == 6 and provenance["gatepro_in_training"]["enabled"] is False
+
+
+def test_every_recorded_metric_lands_in_the_metrics_file(runs):
+    root, _, _ = runs
+
+    def losses(name):
+        lines = read_records(str(root / name / "metrics.jsonl"))
+        steps = [line["step"] for line in lines]
+        assert steps == sorted(steps)  # one line per logging event, in order
+        return [(line["step"], line["train/CE loss"]) for line in lines if "train/CE loss" in line], lines
+
+    straight, lines = losses("straight")
+    resumed, _ = losses("resumed")  # killed after its step-4 checkpoint, then resumed
+    assert [step for step, _ in straight] == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # the killed run's lines after step 4 were dropped, the rerun's appended
+    assert any("gatepro/layer 00/partner_coactivation" in line for line in lines)
+    assert any(name.startswith("throughput/") for line in lines for name in line)  # OLMo-core's speed monitor
+    resolved = json.loads((root / "straight/olmo_core_config.json").read_text())
+    assert {"run", "model", "train_module", "dataset", "data_loader", "trainer"} <= set(resolved)
+    assert resolved["run"]["train"]["save_folder"] == str(root / "straight")

@@ -7,6 +7,7 @@ from olmoe_gatepro.olmo_core.run_config import ConfigError, GateProRunConfig, lo
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+TINY = str(CONFIGS / "tiny-test.yaml")
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -105,3 +106,50 @@ def test_inherit_merges_sections(tmp_path):
     _write(tmp_path, "name: base\nmodel: {n_layers: 3, d_model: 64, n_heads: 4}\n", "base.yaml")
     config = load_run_config(_write(tmp_path, "inherit: base.yaml\nname: child\nmodel: {n_layers: 5}\n"))
     assert (config.name, config.model.n_layers, config.model.d_model) == ("child", 5, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--callbacks.wandb.project=null", None),  # with enabled=true below
+    ("--callbacks.gc_interval=0", "callbacks: gc_interval must be None or >= 1; got 0"),
+    ("--callbacks.profiler.active=0", "callbacks.profiler: active must be >= 1; got 0"),
+    ("--callbacks.metrics_file=logs/m.jsonl", "metrics_file must be a file name in the save folder"),
+    ("--callbacks.comet.group=g", "comet.group: Comet has no groups"),
+    ("--callbacks.tensorboard.enabled=true", "unknown key 'callbacks.tensorboard'"),
+    ("--callbacks.wandb.enabled=maybe", "callbacks.wandb.enabled: expected true or false, got 'maybe'"),
+])
+def test_callbacks_section_rejects_bad_values_naming_file_and_key(override, message):
+    overrides = [override]
+    if message is None:
+        overrides, message = [override, "--callbacks.wandb.enabled=true"], "callbacks.wandb: project is needed"
+    with pytest.raises(ConfigError) as error:
+        load_run_config(TINY, overrides)
+    assert message in str(error.value)
+    assert "tiny-test.yaml" in str(error.value) or f"override {override}" in str(error.value)  # where it came from
+
+
+def test_callbacks_errors_in_a_file_name_the_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"inherit: {TINY}\nname: x\ncallbacks:\n  comet:\n    enabled: true\n    project: null\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: callbacks.comet: project is needed when the tracker is enabled"):
+        load_run_config(str(path))
+
+
+def test_callbacks_section_builds_olmo_core_callbacks():
+    from olmo_core.train.callbacks import CometCallback, ProfilerCallback, WandBCallback
+
+    from olmoe_gatepro.olmo_core.train import build_train_components
+
+    run = load_run_config(TINY, ["--callbacks.wandb.enabled=true", "--callbacks.wandb.project=gp",
+                                 "--callbacks.wandb.group=ablation", "--callbacks.comet.enabled=true",
+                                 "--callbacks.comet.project=gp", "--callbacks.comet.entity=team",
+                                 "--callbacks.profiler.enabled=true", "--callbacks.profiler.active=2",
+                                 "--callbacks.gc_interval=50", "--callbacks.metrics_file=null"])
+    callbacks = build_train_components(run).trainer.callbacks
+    wandb, comet, profiler = callbacks["wandb"], callbacks["comet"], callbacks["profiler"]
+    assert isinstance(wandb, WandBCallback) and (wandb.project, wandb.group, wandb.name) == ("gp", "ablation", run.name)
+    assert isinstance(comet, CometCallback) and (comet.project, comet.workspace) == ("gp", "team")
+    assert isinstance(profiler, ProfilerCallback) and profiler.active == 2
+    assert callbacks["garbage_collector"].gc_interval == 50
+    assert "metrics_file" not in callbacks and "gpu_memory" not in callbacks  # off; and no CUDA here
+    default = build_train_components(load_run_config(TINY)).trainer.callbacks
+    assert {"wandb", "comet", "profiler"}.isdisjoint(default) and {"metrics_file", "config_saver"} <= set(default)

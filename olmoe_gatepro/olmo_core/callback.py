@@ -29,7 +29,7 @@ from olmoe_gatepro.core.router_state import (
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
-__all__ = ["GateProCallback", "METRICS_FILE"]
+__all__ = ["GateProCallback", "MetricsFileCallback", "METRICS_FILE"]
 
 METRICS_FILE = "gatepro_metrics.jsonl"
 
@@ -97,4 +97,35 @@ class GateProCallback(Callback):
             append_record(self._metrics_path, record)
 
     def _is_writer(self) -> bool:
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return _is_rank_zero()
+
+
+@dataclass
+class MetricsFileCallback(Callback):
+    """Every metric the trainer records, appended to ``<save_folder>/<file_name>`` as JSON lines.
+
+    One line per logging event, ``{"step": N, "<metric>": value, ...}``, in step order; a step's
+    metrics can span several lines (OLMo-core reports throughput and checkpoint timings apart
+    from the losses), so merge lines by step. Written by rank 0, each line appended whole and
+    fsynced; on resuming, lines of steps after the checkpoint are dropped, so the file always
+    describes one run. Curves can be drawn from it without any tracking service.
+    """
+
+    file_name: str = "metrics.jsonl"
+
+    @property
+    def _path(self) -> str:
+        return os.path.join(str(self.trainer.save_folder), self.file_name)
+
+    def pre_train(self) -> None:
+        if _is_rank_zero():
+            drop_after_step(self._path, self.trainer.global_step)
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        if _is_rank_zero():
+            os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+            append_record(self._path, {"step": step, **{name: float(value) for name, value in metrics.items()}})
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

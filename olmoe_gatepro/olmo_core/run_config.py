@@ -11,6 +11,9 @@ from olmoe_gatepro.core.config import GateProRunConfig
 
 __all__ = [
     "GateProRunConfig",
+    "CallbacksConfig",
+    "TrackerConfig",
+    "ProfilerConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -154,6 +157,67 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TrackerConfig:
+    """An experiment tracker (Weights & Biases or Comet); credentials come from the environment
+    (``WANDB_API_KEY``, ``COMET_API_KEY``) as those tools read them. ``name`` defaults to the run's."""
+
+    enabled: bool = False
+    project: str | None = None
+    entity: str | None = None  # W&B entity; Comet workspace
+    group: str | None = None  # W&B only
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(not self.enabled or bool(self.project and self.project.strip()),
+               "project is needed when the tracker is enabled")
+
+
+@dataclass(frozen=True)
+class ProfilerConfig:
+    """torch.profiler over one window of steps (OLMo-core's ProfilerCallback), traces in the save folder."""
+
+    enabled: bool = False
+    skip_first: int = 0
+    wait: int = 1
+    warmup: int = 5
+    active: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("skip_first", "wait", "warmup"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        _check(self.active >= 1, f"active must be >= 1; got {self.active}")
+
+
+@dataclass(frozen=True)
+class CallbacksConfig:
+    """What the trainer reports besides GatePro's metrics (OLMo-core's callbacks).
+
+    Throughput (tokens per second, MFU where the GPU's peak is known) comes from OLMo-core's
+    speed monitor, always on. ``gpu_memory``: peak GPU memory per step (CUDA only).
+    ``gc_interval``: collect Python garbage every this many steps on every rank at once (None:
+    Python's own collector). ``save_config``: write the resolved OLMo-core config to
+    ``olmo_core_config.json`` beside ``run_config.json`` and pass it to the trackers.
+    ``metrics_file``: append every recorded metric to this JSON-lines file in the save folder
+    (None: off).
+    """
+
+    wandb: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
+    comet: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
+    gpu_memory: bool = True
+    gc_interval: int | None = 1000
+    profiler: ProfilerConfig = dataclasses.field(default_factory=ProfilerConfig)
+    save_config: bool = True
+    metrics_file: str | None = "metrics.jsonl"
+
+    def __post_init__(self) -> None:
+        _check(self.gc_interval is None or self.gc_interval >= 1, f"gc_interval must be None or >= 1; got {self.gc_interval}")
+        _check(self.comet.group is None, "comet.group: Comet has no groups (use the project or the name)")
+        name = self.metrics_file
+        _check(name is None or (bool(name.strip()) and os.path.basename(name) == name),
+               f"metrics_file must be a file name in the save folder (or null); got {name!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run, as a YAML file under ``configs/`` describes it."""
 
@@ -163,6 +227,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     gatepro: GateProRunConfig = dataclasses.field(default_factory=GateProRunConfig)
+    callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
 
     def __post_init__(self) -> None:
         _check(self.gatepro.num_competitors < self.model.num_experts,

@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 
 from olmoe_gatepro.olmo_core.run_config import ModelConfig, RunConfig
 
-__all__ = ["RUN_CONFIG_FILE", "build_transformer_config", "build_train_components", "train", "TrainComponents"]
+__all__ = ["RUN_CONFIG_FILE", "OLMO_CORE_CONFIG_FILE", "build_transformer_config", "build_train_components",
+           "monitoring_callbacks", "resolved_config", "train", "TrainComponents"]
 
 RUN_CONFIG_FILE = "run_config.json"  # the resolved RunConfig, written into the save folder; convert reads it
+OLMO_CORE_CONFIG_FILE = "olmo_core_config.json"  # the OLMo-core configs built from it (callbacks.save_config)
 
 
 class TrainComponents(NamedTuple):
@@ -117,7 +119,52 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
     )
+    for name, callback in monitoring_callbacks(run).items():
+        trainer = trainer.with_callback(name, callback)
     return TrainComponents(build_transformer_config(run.model), train_module, dataset, data_loader, trainer)
+
+
+def monitoring_callbacks(run: RunConfig) -> dict:
+    """OLMo-core callbacks of the run config's ``callbacks:`` section, by name."""
+    import torch
+    from olmo_core.train.callbacks import (
+        CometCallback,
+        ConfigSaverCallback,
+        GarbageCollectorCallback,
+        GPUMemoryMonitorCallback,
+        ProfilerCallback,
+        WandBCallback,
+    )
+
+    from olmoe_gatepro.olmo_core.callback import MetricsFileCallback
+
+    settings, callbacks = run.callbacks, {}
+    if settings.wandb.enabled:
+        wandb = settings.wandb
+        callbacks["wandb"] = WandBCallback(name=wandb.name or run.name, project=wandb.project, entity=wandb.entity,
+                                           group=wandb.group)
+    if settings.comet.enabled:
+        comet = settings.comet
+        callbacks["comet"] = CometCallback(name=comet.name or run.name, project=comet.project, workspace=comet.entity)
+    if settings.gpu_memory and torch.cuda.is_available():
+        callbacks["gpu_memory"] = GPUMemoryMonitorCallback()
+    if settings.gc_interval is not None:
+        callbacks["garbage_collector"] = GarbageCollectorCallback(gc_interval=settings.gc_interval)
+    if settings.profiler.enabled:
+        profiler = settings.profiler
+        callbacks["profiler"] = ProfilerCallback(skip_first=profiler.skip_first, wait=profiler.wait,
+                                                 warmup=profiler.warmup, active=profiler.active)
+    if settings.save_config:
+        callbacks["config_saver"] = ConfigSaverCallback()
+    if settings.metrics_file is not None:
+        callbacks["metrics_file"] = MetricsFileCallback(file_name=settings.metrics_file)
+    return callbacks
+
+
+def resolved_config(run: RunConfig, parts: TrainComponents) -> dict:
+    """The run config and the OLMo-core configs built from it, as one JSON-ready dict."""
+    return {"run": dataclasses.asdict(run),
+            **{name: getattr(parts, name).as_config_dict() for name in parts._fields}}
 
 
 def train(run: RunConfig) -> None:
@@ -152,6 +199,12 @@ def train(run: RunConfig) -> None:
         train_module = parts.train_module.build(model)
         data_loader = parts.data_loader.build(parts.dataset.build(), dp_process_group=train_module.dp_process_group)
         trainer = parts.trainer.build(train_module, data_loader)
+        if run.callbacks.save_config:
+            resolved = resolved_config(run, parts)
+            trainer.callbacks["config_saver"].config = resolved  # also hands it to the trackers
+            if get_rank() == 0:
+                write_text_atomically(os.path.join(run.train.save_folder, OLMO_CORE_CONFIG_FILE),
+                                      json.dumps(resolved, indent=2, default=str))
         trainer.fit()  # loads the latest checkpoint in save_folder first, if there is one
     finally:
         teardown_training_environment()
