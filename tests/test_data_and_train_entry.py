@@ -67,7 +67,11 @@ def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
     parts = build_train_components(run)
     assert parts.data_loader.global_batch_size == run.train.tokens_per_step == 512
     assert parts.train_module.rank_microbatch_size == 4 * 64
-    assert list(parts.trainer.callbacks) == ["checkpointer", "gatepro"]
+    from olmoe_gatepro.olmo_core.train import monitoring_callbacks
+
+    names = list(parts.trainer.callbacks)
+    assert names[:2] == ["checkpointer", "gatepro"] and names[2:] == list(monitoring_callbacks(run))
+    assert {"garbage_collector", "config_saver", "metrics_file"} <= set(names)  # the defaults of callbacks:
     assert parts.trainer.callbacks["gatepro"].gatepro == run.gatepro
     dataset = parts.dataset.build()
     dataset.prepare()
