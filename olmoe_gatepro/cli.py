@@ -14,7 +14,7 @@ import re
 import sys
 
 from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES
+from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES, model_kind
 from olmoe_gatepro.evaluation.results import RESULT_FILES, TASKS
 from olmoe_gatepro.olmo_core.run_config import ConfigError, RunConfig, load_run_config
 from olmoe_gatepro.pipelines.reproduce import PIPELINE_PRESETS
@@ -403,19 +403,14 @@ def _compare_groups(results: list[str], groups: list[str]) -> dict[str, list[str
     return parsed
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def _check_model(model: str, command) -> None:
     """A local folder with a config.json, or something shaped like a hub id that is not a local path."""
-    if os.path.isdir(model):
-        if not os.path.exists(os.path.join(model, "config.json")):
-            command.error(f"model {model}: a folder without config.json, not a Hugging Face model folder")
-        return
-    if os.path.exists(model):
-        command.error(f"model {model}: a file, not a Hugging Face model folder or hub id")
-    if not HUB_ID.fullmatch(model) or os.path.isdir(model.split("/")[0]):
-        command.error(f"model {model}: no such folder (nor a hub id of the form owner/name)")
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        command.error(f"model {model}: a folder without config.json, not a Hugging Face model folder")
+    try:
+        model_kind(model)  # a file, or neither a folder nor shaped like a hub id
+    except ValueError as error:
+        command.error(str(error))
 
 
 def _evaluate(args, command) -> int:

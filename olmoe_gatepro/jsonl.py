@@ -20,7 +20,8 @@ def read_records(path: str) -> list[dict]:
 
 
 def append_record(path: str, record: dict) -> None:
-    """Append one JSON line and fsync it."""
+    """Append one JSON line and fsync it (creating the file's folder if needed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
         file.flush()

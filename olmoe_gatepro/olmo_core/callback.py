@@ -18,14 +18,7 @@ import torch.distributed as dist
 from olmo_core.train.callbacks import Callback
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.core.router_state import (
-    SETTINGS_ATTR,
-    finish_recording,
-    gatepro_routers,
-    refresh_partners,
-    set_gatepro,
-    start_recording,
-)
+from olmoe_gatepro.core.router_state import begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
@@ -45,7 +38,6 @@ class GateProCallback(Callback):
     def __post_init__(self) -> None:
         if self.metrics_interval < 1:
             raise ValueError(f"metrics_interval must be >= 1; got {self.metrics_interval}")
-        self._recording = False
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -67,34 +59,20 @@ class GateProCallback(Callback):
     def pre_step(self, batch) -> None:
         batch_tokens = self.trainer.data_loader.global_num_tokens_in_batch(batch) or 0
         tokens_before_step = self.trainer.global_train_tokens_seen - batch_tokens
-        wanted = self.gatepro.active_at(self._trained(tokens_before_step, self.trainer.global_step - 1))
-        routers = gatepro_routers(self._model)
-        if getattr(routers[0], SETTINGS_ATTR).enabled != wanted:
-            set_gatepro(self._model, enabled=wanted)
-        refresh_partners(self._model, self.trainer.global_step)
-        self._recording = self.trainer.global_step % self.metrics_interval == 0
-        if self._recording:
-            for router in routers:
-                start_recording(router)
+        step = self.trainer.global_step
+        begin_step(self._model, enabled=self.gatepro.active_at(self._trained(tokens_before_step, step - 1)), step=step,
+                   record=step % self.metrics_interval == 0)
 
     def post_train_batch(self) -> None:
-        if not self._recording:
+        recorded = finish_step(self._model)
+        if recorded is None:
             return
-        self._recording = False
-        routers = gatepro_routers(self._model)
-        layers = [finish_recording(router) for router in routers]
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(recorded["layers"]):
             for name, value in layer.items():
                 self.trainer.record_metric(f"layer {index:02d}/{name}", value, namespace="gatepro")
         if self._is_writer():
-            record = {
-                "step": self.trainer.global_step,
-                "tokens": self.trainer.global_train_tokens_seen,
-                "gatepro_active": getattr(routers[0], SETTINGS_ATTR).enabled,
-                "layers": layers,
-            }
-            os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
-            append_record(self._metrics_path, record)
+            append_record(self._metrics_path, {"step": self.trainer.global_step,
+                                               "tokens": self.trainer.global_train_tokens_seen, **recorded})
 
     def _is_writer(self) -> bool:
         return _is_rank_zero()
@@ -123,7 +101,6 @@ class MetricsFileCallback(Callback):
 
     def log_metrics(self, step: int, metrics: dict) -> None:
         if _is_rank_zero():
-            os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
             append_record(self._path, {"step": step, **{name: float(value) for name, value in metrics.items()}})
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from olmoe_gatepro.core.config import GateProRunConfig
+from olmoe_gatepro.evaluation.inspect_routing import cannot_load
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.pipelines.data_prep import iter_documents, read_token_file
+from olmoe_gatepro.pipelines.data_prep import document_token_ids, iter_documents, read_token_file
 
 __all__ = ["ContinuedTraining", "continue_training", "RECORD_FILE"]
 
@@ -81,15 +82,8 @@ def _token_stream(spec: ContinuedTraining, tokenizer, needed: int) -> torch.Tens
             if count >= needed:
                 break
         return torch.cat(parts)
-    ids: list[int] = []
-    for path in spec.data:
-        for document in iter_documents(path):
-            ids += tokenizer(document, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-            if len(ids) >= needed:
-                return torch.tensor(ids[:needed])
-    return torch.tensor(ids, dtype=torch.long)
+    documents = (document for path in spec.data for document in iter_documents(path))
+    return torch.tensor(document_token_ids(documents, tokenizer, needed), dtype=torch.long)
 
 
 def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
@@ -116,7 +110,7 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision,
                                                      dtype=torch.bfloat16 if spec.bf16 else torch.float32)
     except (OSError, ValueError) as error:
-        raise ValueError(f"model {spec.model}: cannot be loaded ({str(error).strip().splitlines()[0]})") from None
+        raise cannot_load(spec.model, error) from None
     stream = _token_stream(spec, tokenizer, steps * tokens_per_step)
     if int(stream.max()) >= model.config.vocab_size:
         raise ValueError(f"data: token id {int(stream.max())} is outside {spec.model}'s vocabulary "

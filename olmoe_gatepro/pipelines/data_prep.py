@@ -10,11 +10,12 @@ half-written shard behind.
 import gzip
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "read_token_file", "write_token_files"]
+__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
+           "write_token_files"]
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -85,6 +86,18 @@ def iter_documents(path: str) -> Iterator[str]:
         return
     with open(path, encoding="utf-8") as file:
         yield file.read()
+
+
+def document_token_ids(documents: Iterable[str], tokenizer, limit: int) -> list[int]:
+    """The first ``limit`` token ids of ``documents`` under a transformers ``tokenizer``, EOS after each document."""
+    ids: list[int] = []
+    for document in documents:
+        ids += tokenizer(document, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
 
 
 def read_token_file(path: str, dtype: str, flag: str = "token file") -> np.ndarray:

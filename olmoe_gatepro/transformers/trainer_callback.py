@@ -18,14 +18,7 @@ import os
 from transformers import TrainerCallback
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.core.router_state import (
-    SETTINGS_ATTR,
-    finish_recording,
-    gatepro_routers,
-    refresh_partners,
-    set_gatepro,
-    start_recording,
-)
+from olmoe_gatepro.core.router_state import begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.transformers.patch import patch_transformers
 
@@ -45,7 +38,6 @@ class GateProTrainerCallback(TrainerCallback):
         if isinstance(metrics_interval, bool) or not isinstance(metrics_interval, int) or metrics_interval < 1:
             raise ValueError(f"metrics_interval must be an int >= 1; got {metrics_interval!r}")
         self.trainer, self.gatepro, self.metrics_interval = trainer, gatepro, metrics_interval
-        self._recording = False
 
     @classmethod
     def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":
@@ -71,32 +63,18 @@ class GateProTrainerCallback(TrainerCallback):
             drop_after_step(self._metrics_path(args), state.global_step)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        routers = gatepro_routers(model)
-        wanted = self.gatepro.active_at(self._position(state))
-        if getattr(routers[0], SETTINGS_ATTR).enabled != wanted:
-            set_gatepro(model, enabled=wanted)
         step = state.global_step + 1
-        refresh_partners(model, step)
-        self._recording = step % self.metrics_interval == 0
-        if self._recording:
-            for router in routers:
-                start_recording(router)
+        begin_step(model, enabled=self.gatepro.active_at(self._position(state)), step=step,
+                   record=step % self.metrics_interval == 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self._recording:
+        recorded = finish_step(model)
+        if recorded is None:
             return
-        self._recording = False
-        routers = gatepro_routers(model)
-        layers = [finish_recording(router) for router in routers]
         should_log = control.should_log  # Trainer.log clears it; the Trainer's own logging of this step must still run
         self.trainer.log({f"gatepro/layer_{index:02d}/{name}": value
-                          for index, layer in enumerate(layers) for name, value in layer.items()})
+                          for index, layer in enumerate(recorded["layers"]) for name, value in layer.items()})
         control.should_log = should_log
         if state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            append_record(self._metrics_path(args), {
-                "step": state.global_step,
-                "tokens": state.num_input_tokens_seen,
-                "gatepro_active": getattr(routers[0], SETTINGS_ATTR).enabled,
-                "layers": layers,
-            })
+            append_record(self._metrics_path(args), {"step": state.global_step, "tokens": state.num_input_tokens_seen,
+                                                     **recorded})
