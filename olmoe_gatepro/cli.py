@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA")
     evaluate.add_argument("model", help="a local checkpoint folder or a hub id (e.g. allenai/OLMoE-1B-7B-0924)")
     evaluate.add_argument("--label", required=True, help="the row name in compare's table, e.g. baseline")
-    evaluate.add_argument("--revision", default=None, help="hub revision, e.g. an intermediate checkpoint")
+    evaluate.add_argument("--revision", nargs="+", default=[],
+                          help="hub revision, e.g. an intermediate checkpoint; several with --each-checkpoint")
+    evaluate.add_argument("--each-checkpoint", action="store_true",
+                          help="MODEL is an OLMo-core save folder: evaluate each stepN (or each --revision of a hub "
+                               "model) into OUT/<checkpoint>/, skipping those done, and draw OUT/learning_curves.png")
     evaluate.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     evaluate.add_argument("--gatepro-penalty", type=float, default=None,
                           help="route with GatePro at this lambda during evaluation (default: the routing in force, "
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
+    compare.add_argument("--curves", action="append", default=[], metavar="LABEL=FOLDER",
+                         help="learning curves of a run (repeat; the same axes for all): an OLMo-core save folder "
+                              "(its metrics file) or an eval --each-checkpoint folder")
     inspect = command("inspect", help="how checkpoints route the same text, layer by layer (co-activation, margins, flips)")
     inspect.add_argument("models", nargs="+", metavar="MODEL",
                          help="Hugging Face folders, hub ids or OLMo-core checkpoint folders; the first is the reference")
@@ -302,12 +309,7 @@ def _run(args, overrides: list[str], command) -> int | None:
     elif args.command == "eval":
         return _evaluate(args, command)
     elif args.command == "compare":
-        from olmoe_gatepro.evaluation.compare import compare
-
-        try:
-            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite)
-        except ValueError as error:
-            command.error(str(error))
+        return _compare(args, command)
     elif args.command == "convert":
         return _convert(args, overrides, command)
     elif args.command == "inspect":
@@ -433,26 +435,33 @@ def _evaluate(args, command) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         command.error(f"--device {device}: no CUDA GPU is visible")
+    common = dict(label=args.label, tasks=tuple(args.tasks), gatepro=gatepro, limit=args.limit,
+                  batch_size=args.batch_size, device=device)
+    if args.suite == "olmo-in-loop":
+        from olmoe_gatepro.evaluation.olmo_in_loop_suite import evaluate_in_loop
+
+        def evaluate_one(model: str, revision: str | None):
+            return evaluate_in_loop(model, revision=revision, **common)
+    else:
+        from olmoe_gatepro.evaluation.lm_eval_suite import evaluate
+
+        def evaluate_one(model: str, revision: str | None):
+            return evaluate(model, revision=revision, offline=not args.online, **common)
+    if args.each_checkpoint:
+        return _evaluate_checkpoints(args, evaluate_one, command)
+    if len(args.revision) > 1:
+        command.error(f"--revision is given {len(args.revision)} times: several revisions need --each-checkpoint")
     _check_model(args.model, command)
     _check_out_folder(args.out, command)
     existing = os.path.join(args.out, RESULT_FILES[args.suite])
     if os.path.exists(existing) and not args.overwrite:
         command.error(f"--out {args.out} already holds {RESULT_FILES[args.suite]}; pass --overwrite to replace it, "
                       "or choose another --out")
-    common = dict(label=args.label, tasks=tuple(args.tasks), revision=args.revision, gatepro=gatepro,
-                  limit=args.limit, batch_size=args.batch_size, device=device)
-    if args.suite == "olmo-in-loop":
-        from olmoe_gatepro.evaluation.olmo_in_loop_suite import evaluate_in_loop
-
-        result, items = evaluate_in_loop(args.model, **common)
-    else:
-        from olmoe_gatepro.evaluation.lm_eval_suite import evaluate
-
-        try:
-            result, items = evaluate(args.model, offline=not args.online, **common)
-        except RuntimeError as error:  # the offline data is missing or unreadable
-            print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
-            return 1
+    try:
+        result, items = evaluate_one(args.model, args.revision[0] if args.revision else None)
+    except RuntimeError as error:  # the offline data is missing or unreadable
+        print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
+        return 1
     path = write_evaluation(args.out, args.suite, result, items)
     for task, entry in result["tasks"].items():
         stderr = "n/a" if entry["stderr"] is None else f"{100 * entry['stderr']:.2f}"
@@ -461,6 +470,58 @@ def _evaluate(args, command) -> int:
         print(f"note: routed with GatePro from the environment (penalty {result['gatepro']['penalty']:g}); recorded")
     print(f"wrote {path}")
     return 0
+
+
+def _evaluate_checkpoints(args, evaluate_one, command) -> int:
+    """``eval --each-checkpoint``: an OLMo-core save folder's checkpoints, or a hub model's revisions."""
+    from olmoe_gatepro.pipelines.checkpoint_evaluation import evaluate_checkpoints, revision_checkpoints, run_checkpoints
+
+    if args.overwrite:
+        command.error("--overwrite: --each-checkpoint skips the checkpoints already evaluated; remove a "
+                      "checkpoint's folder under --out to evaluate it again")
+    try:
+        if args.revision:
+            _check_model(args.model, command)
+            checkpoints = revision_checkpoints(args.model, args.revision)
+        else:
+            if not os.path.isdir(args.model):
+                command.error(f"model {args.model}: --each-checkpoint needs an OLMo-core save folder here "
+                              "(or a hub model with --revision)")
+            checkpoints = run_checkpoints(args.model)
+    except ValueError as error:
+        command.error(str(error))
+    _check_out_folder(args.out, command)
+    try:
+        paths = evaluate_checkpoints(checkpoints, args.out, args.suite, args.label, evaluate_one)
+    except RuntimeError as error:
+        print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def _compare(args, command) -> int | None:
+    from olmoe_gatepro.evaluation.compare import compare
+    from olmoe_gatepro.evaluation.learning_curves import load_run_curves, write_learning_curves
+
+    if not (args.results or args.group or args.curves):
+        command.error("nothing to compare: give result files or run folders, --group, or --curves")
+    curves = []
+    for item in args.curves:
+        label, sep, folder = item.partition("=")
+        if not sep or not label.strip() or not folder:
+            command.error(f"--curves {item!r}: expected LABEL=FOLDER")
+        try:
+            curves.append(load_run_curves(folder, label, args.suite))
+        except ValueError as error:
+            command.error(f"--curves {item}: {error}")
+    try:
+        if args.results or args.group:
+            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite)
+        if curves:
+            print("wrote " + ", ".join(write_learning_curves(curves, args.out)))
+    except ValueError as error:
+        command.error(str(error))
 
 
 def _per_model(values: list, flag: str, count: int, command) -> list:
@@ -616,7 +677,10 @@ def _train(config_path: str, overrides: list[str], dry_run: bool, command) -> in
         return 0
     from olmoe_gatepro.olmo_core.train import train
 
-    train(run)
+    try:
+        train(run)
+    except ConfigError as error:  # found while building: an evaluation task too long, a file missing
+        command.error(f"{config_path}: {error}")
     return 0
 
 

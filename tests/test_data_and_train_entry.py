@@ -96,3 +96,16 @@ def test_train_dry_run_and_script_entry_point(tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "tiny-test.yaml with overrides" in bad.stderr and "top_k (99)" in bad.stderr
+
+
+def test_packaged_tokenizer_identifiers_load_without_the_hub():
+    from olmoe_gatepro.pipelines.data_prep import hf_tokenizer, load_tokenizer, tokenizer_file
+
+    name = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"  # the OLMoE config's tokenizer.identifier
+    assert tokenizer_file(name).endswith("olmo_eval/" + name)
+    assert tokenizer_file("allenai/gpt-neox-olmo-dolma-v1_5") is None and tokenizer_file("bytes") is None
+    assert load_tokenizer(name)("Hello world") == [12092, 1533]
+    tokenizer = hf_tokenizer(name, eos_token_id=50279, pad_token_id=1)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|padding|>")
+    with pytest.raises(ValueError, match="ships no such file; it ships .*allenai_gpt-neox-olmo-dolma-v1_5.json"):
+        tokenizer_file("tokenizers/gpt2.json")

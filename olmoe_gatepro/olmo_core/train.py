@@ -13,10 +13,10 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from olmoe_gatepro.olmo_core.run_config import ModelConfig, RunConfig
+from olmoe_gatepro.olmo_core.run_config import ConfigError, ModelConfig, RunConfig
 
 __all__ = ["RUN_CONFIG_FILE", "OLMO_CORE_CONFIG_FILE", "build_transformer_config", "build_train_components",
-           "monitoring_callbacks", "resolved_config", "train", "TrainComponents"]
+           "monitoring_callbacks", "evaluation_callbacks", "resolved_config", "train", "TrainComponents"]
 
 RUN_CONFIG_FILE = "run_config.json"  # the resolved RunConfig, written into the save folder; convert reads it
 OLMO_CORE_CONFIG_FILE = "olmo_core_config.json"  # the OLMo-core configs built from it (callbacks.save_config)
@@ -119,7 +119,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
     )
-    for name, callback in monitoring_callbacks(run).items():
+    for name, callback in {**monitoring_callbacks(run), **evaluation_callbacks(run, tokenizer, work_dir)}.items():
         trainer = trainer.with_callback(name, callback)
     return TrainComponents(build_transformer_config(run.model), train_module, dataset, data_loader, trainer)
 
@@ -161,6 +161,51 @@ def monitoring_callbacks(run: RunConfig) -> dict:
     return callbacks
 
 
+def evaluation_callbacks(run: RunConfig, tokenizer, work_dir: str) -> dict:
+    """OLMo-core's in-loop evaluator callbacks of the run config's ``evaluation:`` section, by name.
+
+    ``tokenizer``: the run's OLMo-core ``TokenizerConfig``. The downstream tasks tokenise with
+    ``data.tokenizer`` (``bytes`` is written as a ``tokenizer.json`` into ``work_dir``).
+    """
+    from olmo_core.data import NumpyPaddedFSLDatasetConfig
+    from olmo_core.io import deterministic_glob_directory
+    from olmo_core.train import Duration
+    from olmo_core.train.callbacks import DownstreamEvaluatorCallbackConfig, LMEvaluatorCallbackConfig
+
+    from olmoe_gatepro.pipelines.data_prep import byte_tokenizer, tokenizer_file
+
+    settings, callbacks = run.evaluation, {}
+    finish = settings.on_finish and run.train.max_steps % settings.interval_steps != 0  # else the interval has it
+    when = dict(eval_interval=settings.interval_steps, eval_on_finish=finish,
+                eval_duration=Duration.epochs(1) if settings.max_batches is None else Duration.steps(settings.max_batches))
+    if settings.downstream_tasks:
+        identifier = tokenizer_file(run.data.tokenizer) or run.data.tokenizer
+        if run.data.tokenizer == "bytes":
+            identifier = os.path.join(work_dir, "byte_tokenizer.json")
+            os.makedirs(work_dir, exist_ok=True)
+            byte_tokenizer().backend_tokenizer.save(f"{identifier}.{os.getpid()}")  # every rank, then one rename each
+            os.replace(f"{identifier}.{os.getpid()}", identifier)
+        callbacks["downstream_evaluator"] = DownstreamEvaluatorCallbackConfig(
+            tasks=list(settings.downstream_tasks), tokenizer=dataclasses.replace(tokenizer, identifier=identifier), **when)
+    if settings.held_out:
+        paths, metadata = [], []
+        for held_out in settings.held_out:
+            for pattern in held_out.paths:
+                try:
+                    files = deterministic_glob_directory(pattern) if any(ch in pattern for ch in "*?[") else [pattern]
+                except FileNotFoundError:  # the folder of a local pattern
+                    files = []
+                if not files:
+                    raise ConfigError(f"evaluation.held_out {held_out.label!r}: {pattern!r} matches no file")
+                paths += files
+                metadata += [{"label": held_out.label}] * len(files)
+        dataset = NumpyPaddedFSLDatasetConfig(paths=paths, metadata=metadata, tokenizer=tokenizer,
+                                              sequence_length=run.train.sequence_length, dtype=run.data.token_dtype,
+                                              work_dir=work_dir)
+        callbacks["lm_evaluator"] = LMEvaluatorCallbackConfig(eval_dataset=dataset, **when)
+    return callbacks
+
+
 def resolved_config(run: RunConfig, parts: TrainComponents) -> dict:
     """The run config and the OLMo-core configs built from it, as one JSON-ready dict."""
     return {"run": dataclasses.asdict(run),
@@ -181,6 +226,7 @@ def train(run: RunConfig) -> None:
 
         enable_cpu_moe()
     from olmo_core.distributed.utils import get_rank
+    from olmo_core.exceptions import OLMoConfigurationError
     from olmo_core.train import prepare_training_environment, teardown_training_environment
     from olmo_core.utils import seed_all
 
@@ -198,7 +244,10 @@ def train(run: RunConfig) -> None:
         model = parts.model.build(init_device="meta")
         train_module = parts.train_module.build(model)
         data_loader = parts.data_loader.build(parts.dataset.build(), dp_process_group=train_module.dp_process_group)
-        trainer = parts.trainer.build(train_module, data_loader)
+        try:
+            trainer = parts.trainer.build(train_module, data_loader)  # builds the evaluators' data too
+        except (OLMoConfigurationError, FileNotFoundError) as error:
+            raise ConfigError(f"{run.name}: OLMo-core cannot set up the run as configured: {error}") from None
         if run.callbacks.save_config:
             resolved = resolved_config(run, parts)
             trainer.callbacks["config_saver"].config = resolved  # also hands it to the trackers

