@@ -91,7 +91,7 @@ def test_each_checkpoint_evaluation_skips_done_ones_and_curves_come_from_both_so
                  "--out", str(report)]) == 0
     rows = (report / "learning_curves.csv").read_text().splitlines()
     assert any(row.startswith("in-loop,held-out held loss,3,384,") for row in rows)
-    assert sum(row.startswith("per-checkpoint,copa,") for row in rows) == 3
+    assert sum(row.startswith("per-checkpoint,copa (lm-eval-offline),") for row in rows) == 3
 
 
 def test_a_task_longer_than_the_training_sequences_is_a_config_error(tmp_path, run):

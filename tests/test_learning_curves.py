@@ -127,7 +127,7 @@ def test_each_checkpoint_is_evaluated_once_and_curves_drawn(tmp_path):
     paths = evaluate_checkpoints(checkpoints, str(out), "lm-eval", "olmoe", evaluate, echo=lambda _: None)
     assert calls == ["step1-tokens4B", "step2-tokens8B", "step3-tokens12B"]  # the done ones skipped
     assert [Path(path).name for path in paths] == ["learning_curves.png", "learning_curves.csv"]
-    assert load_run_curves(str(out), "olmoe").series["copa"] == [(4 * 10**9, 0.25), (8 * 10**9, 0.5), (12 * 10**9, 0.75)]
+    assert load_run_curves(str(out), "olmoe").series["copa (lm-eval)"] == [(4 * 10**9, 0.25), (8 * 10**9, 0.5), (12 * 10**9, 0.75)]
     assert Checkpoint("x", "org/model", "r", 1, 1).is_olmo_core is False
 
 

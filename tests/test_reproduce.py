@@ -11,6 +11,10 @@ def _run(out):
     assert main(["reproduce", "--preset", "tiny", "--out", str(out)]) == 0
 
 
+def routing_labels(routing: dict) -> list[str]:
+    return [model["label"] for model in routing["models"]]
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """One whole tiny pipeline, shared by the tests that read it (they copy it before changing it)."""
@@ -22,7 +26,8 @@ def first_run(tmp_path_factory):
 def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
     report = first_run / "report"
     for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "zero_token_count.png", "diversity.png",
-                 "coactivation.png", "settings.json", "routing/routing.md", "routing/routing_layers.png"):
+                 "coactivation.png", "settings.json", "routing/routing.md", "routing/routing_layers.png",
+                 "learning_curves.png", "learning_curves.csv"):
         assert (report / name).stat().st_size > 0, name
     for model in ("baseline-seed0", "baseline-seed1", "gatepro-seed0", "gatepro-seed1"):
         assert (first_run / model / "checkpoint" / "config.json").exists()
@@ -36,16 +41,21 @@ def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
     assert "| gatepro | on, lambda 0.05 | " in table and "| baseline | off | " in table  # routing per layer
     assert "## Routing of the same text (olmoe-gatepro inspect)" in table and "| gatepro-seed1 | lambda 0.05 |" in table
     routing = json.loads((report / "routing" / "routing.json").read_text())
-    assert [model["label"] for model in routing["models"]] == ["baseline-seed0", "baseline-seed1", "gatepro-seed0",
+    assert routing_labels(routing) == ["baseline-seed0", "baseline-seed1", "gatepro-seed0",
                                                                "gatepro-seed1"]
     assert all(model["tokens"] == 256 for model in routing["models"])
+    curves = [row.split(",") for row in (report / "learning_curves.csv").read_text().splitlines()[1:]]
+    assert {(row[0], row[1]) for row in curves} == {(model, curve) for model in routing_labels(routing)
+                                                    for curve in ("training loss", "held-out loss")}
+    assert len(curves) == 4 * 2 * 2  # two logged steps per run
     comparison = json.loads((report / "comparison.json").read_text())
     assert [row["label"] for row in comparison["rows"]] == ["baseline", "gatepro"]
     assert all(row["paired"] and len(row["runs"]) == 2 for row in comparison["rows"])
     assert comparison["rows"][1]["columns"]["avg"]["seed_spread"] is not None
     _run(tmp_path / "b")
     assert f"report: {tmp_path / 'b' / 'report'}" in capsys.readouterr().out
-    for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "routing/routing.csv"):  # byte for byte
+    for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "routing/routing.csv",
+                 "learning_curves.csv"):  # byte for byte
         assert (tmp_path / "b" / "report" / name).read_bytes() == report.joinpath(name).read_bytes(), name
 
 

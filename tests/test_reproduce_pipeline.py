@@ -21,10 +21,10 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
     assert [line for line in lines if line.startswith("#")] == [
         "# train baseline", "# convert baseline", "# evaluate baseline", "# evaluate baseline (olmo-in-loop)",
         "# train gatepro", "# convert gatepro", "# evaluate gatepro", "# evaluate gatepro (olmo-in-loop)",
-        "# inspect", "# compare", "# compare (olmo-in-loop)",
+        "# inspect", "# compare", "# compare (olmo-in-loop)", "# learning curves",
     ]
     (train_baseline, convert, evaluate, in_loop, train_gatepro, _, evaluate_gatepro, in_loop_gatepro, inspect, compare,
-     compare_in_loop) = (shlex.split(line) for line in lines if not line.startswith("#"))
+     compare_in_loop, curves) = (shlex.split(line) for line in lines if not line.startswith("#"))
     assert train_baseline[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=gpu"]
     assert train_baseline[5:8] == ["-m", "olmoe_gatepro.cli", "train"]
     assert train_baseline[8].endswith("configs/olmoe-1b-7b/baseline.yaml")
@@ -42,6 +42,8 @@ def test_400b_dry_run_prints_every_command(tmp_path, capsys):
                            "--gatepro-penalty", "0", "0.0001", "--out", str(tmp_path / "report/routing")]
     assert compare[3:] == ["compare", *folders, "--out", str(tmp_path / "report")]
     assert compare_in_loop[3:] == ["compare", *folders, "--suite", "olmo-in-loop", "--out", str(tmp_path / "report/olmo-in-loop")]
+    assert curves[3:] == ["compare", f"--curves=baseline={folders[0]}", f"--curves=gatepro={folders[1]}",
+                          "--out", str(tmp_path / "report")]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
 
 
@@ -79,6 +81,11 @@ def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
         assert (report / name).stat().st_size > 0, name
         assert (report / "olmo-in-loop" / name).stat().st_size > 0, name
     assert "## Verdict" in (report / "table.md").read_text()
+    curves = (report / "learning_curves.csv").read_text().splitlines()
+    assert (report / "learning_curves.png").stat().st_size > 0
+    for name in ("baseline", "gatepro"):  # the training loss logged at each of the 4 steps of 128 tokens
+        assert [row.split(",")[2:4] for row in curves if row.startswith(f"{name},training loss,")] == [
+            [str(step), str(128 * step)] for step in range(1, 5)]
     routing = json.loads((report / "routing" / "routing.json").read_text())
     assert [(m["label"], m["gatepro"] and m["gatepro"]["penalty"]) for m in routing["models"]] == [
         ("baseline", None), ("gatepro", 0.05)]

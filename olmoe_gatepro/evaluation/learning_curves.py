@@ -7,7 +7,9 @@ A run's curves come from one of two folders:
   scored by, ``eval/downstream/<task> (<accuracy> v2)``), each held-out set's loss
   (``eval/lm/<label>/CE loss``) and the training loss, at ``step x tokens per step``;
 - a per-checkpoint evaluation folder (``olmoe-gatepro eval --each-checkpoint``): one result per
-  checkpoint, each carrying its ``checkpoint`` (step and tokens). Curves: each task's score.
+  checkpoint, each carrying its ``checkpoint`` (step and tokens). Curves: each task's score, named
+  ``<task>`` for the OLMo in-loop suite (the panel of the in-loop scores: same format and data)
+  and ``<task> (<suite>)`` for lm-eval's, which scores other items.
 
 The GatePro switch points of a hot-swap schedule (the paper's Table 3) are marked on the plot.
 """
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from olmoe_gatepro.evaluation.results import RESULT_FILES, load_result
 from olmoe_gatepro.jsonl import read_records
 
-__all__ = ["RunCurves", "TRAIN_LOSS", "switch_tokens", "curves_from_metrics", "curves_from_checkpoint_results",
+__all__ = ["RunCurves", "TRAIN_LOSS", "switch_tokens", "curves_from_metrics", "curves_from_records",
+           "curves_from_checkpoint_results",
            "load_run_curves", "to_csv", "plot_learning_curves", "write_learning_curves"]
 
 DOWNSTREAM = re.compile(r"eval/downstream/(?P<task>.+) \((?P<metric>(length-normalized |PMI-DC )?accuracy v2|F1 score v2)\)")
@@ -85,6 +88,14 @@ def curves_from_metrics(folder: str, label: str) -> RunCurves:
     return _collect(RunCurves(label, switches=switch_tokens(dataclasses.asdict(run.gatepro), tokens_per_step)), points)
 
 
+def curves_from_records(records: list[dict], label: str, tokens_per_step: int) -> RunCurves:
+    """The training and held-out loss of a tiny run's records (``tiny_run.train_tiny``, one per logged step)."""
+    points = [(name, record["step"], record["step"] * tokens_per_step, float(record[key]))
+              for record in records for key, name in (("loss", "training loss"), ("held_out_loss", "held-out loss"))
+              if key in record]
+    return _collect(RunCurves(label), points)
+
+
 def _curve_name(metric: str) -> str | None:
     if metric == TRAIN_LOSS:
         return "training loss"
@@ -110,9 +121,14 @@ def curves_from_checkpoint_results(folder: str, label: str | None = None, suite:
                          f"(<checkpoint>/{RESULT_FILES[suite]})")
     curves = RunCurves(label or results[0]["label"],
                        switches=tuple(results[0]["checkpoint"].get("gatepro_switch_tokens") or ()))
-    points = [(task, result["checkpoint"]["step"], result["checkpoint"]["tokens"], entry["score"])
-              for result in results for task, entry in result["tasks"].items()]
+    points = [(_task_curve(task, result["suite"]), result["checkpoint"]["step"], result["checkpoint"]["tokens"],
+               entry["score"]) for result in results for task, entry in result["tasks"].items()]
     return _collect(curves, sorted(points, key=lambda point: point[2]))
+
+
+def _task_curve(task: str, suite: str) -> str:
+    """A task's panel: the in-loop format shares the training metrics' panel; other suites score other items."""
+    return task if suite == "olmo-in-loop" else f"{task} ({suite})"
 
 
 def load_run_curves(folder: str, label: str, suite: str = "lm-eval") -> RunCurves:
@@ -172,7 +188,11 @@ def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(names):]:
         axis.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # label -> handle, over all panels: a run may lack the first panel's curve
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     note = " (dotted: GatePro switched on/off)" if any(run.switches for run in runs) else ""
     figure.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), frameon=False,
                   title=f"learning curves{note}")

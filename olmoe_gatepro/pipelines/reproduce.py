@@ -26,7 +26,8 @@ prints every command instead.
 Report folder (printed at the end): ``report/table.md`` (the verdict, the paper's Table 2
 layout with paired statistics, and how much GatePro changed routing per layer), ``table.csv``,
 ``comparison.json``, ``deltas.png`` (a forest plot), ``zero_token_count.png``,
-``coactivation.png`` and ``diversity.png`` (Figures 4 and 5 style), ``routing/`` (``inspect`` of
+``coactivation.png`` and ``diversity.png`` (Figures 4 and 5 style), ``learning_curves.png`` (training
+and held-out loss of every run against tokens; the pipeline presets add the in-loop scores), ``routing/`` (``inspect`` of
 every final checkpoint on the same text; its summary closes ``table.md``) and ``settings.json``
 (everything the run used); each model's folder holds its checkpoint, training metrics,
 evaluation result and per-item outcomes.
@@ -52,7 +53,8 @@ from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.olmo_core.run_config import load_run_config
-from olmoe_gatepro.jsonl import rewrite_records, write_text_atomically
+from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
+from olmoe_gatepro.jsonl import read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
 from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, TinyRunConfig, corpus_tokens, deterministic_cpu, train_tiny
@@ -236,6 +238,9 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     summary = summary_markdown(routing, f"{ROUTING_FOLDER}/routing.md")
     print(summary, flush=True)
     write_text_atomically(table, f"{text}\n{summary}")
+    tokens_per_step = preset.run.batch_size * preset.run.seq_len
+    write_learning_curves([curves_from_records(read_records(os.path.join(out_dir, name, "gatepro_metrics.jsonl")), name,
+                                               tokens_per_step) for name, _, _ in runs], report)
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
     print(f"report: {report}")
     return report
