@@ -99,3 +99,11 @@ def test_a_task_longer_than_the_training_sequences_is_a_config_error(tmp_path, r
     result = _train(tmp_path / "short", root / "train", "--train.sequence_length=16", "--evaluation.downstream_tasks=[copa]")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "copa' (128 tokens) is too long for the train module's maximum eval sequence length (16 tokens)" in result.stderr
+
+
+def test_a_held_out_pattern_that_matches_nothing_stops_train_before_any_write(tmp_path, run):
+    root, _ = run
+    result = _train(tmp_path / "never", root / "train", "--evaluation.held_out=[{label: h, paths: [/nowhere/*.npy]}]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluation.held_out 'h': '/nowhere/*.npy' matches no file" in result.stderr
+    assert not (tmp_path / "never").exists()

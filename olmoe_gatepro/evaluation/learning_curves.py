@@ -31,7 +31,7 @@ __all__ = ["RunCurves", "TRAIN_LOSS", "switch_tokens", "curves_from_metrics", "c
 DOWNSTREAM = re.compile(r"eval/downstream/(?P<task>.+) \((?P<metric>(length-normalized |PMI-DC )?accuracy v2|F1 score v2)\)")
 HELD_OUT = re.compile(r"eval/lm/(?P<label>.+)/CE loss")
 TRAIN_LOSS = "train/CE loss"
-LOSS_CURVE = re.compile(r"held-out .+ loss|training loss")
+LOSS_CURVE = re.compile(r"held-out( .+)? loss|training loss")
 
 
 @dataclass
@@ -172,7 +172,8 @@ def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
     names.sort(key=lambda name: bool(LOSS_CURVE.fullmatch(name)))
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows + 0.6), squeeze=False,
+                                layout="constrained")
     colours = plt.get_cmap("tab10")
     for axis, name in zip(axes.flat, names):
         for index, run in enumerate(runs):
@@ -194,9 +195,8 @@ def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
     note = " (dotted: GatePro switched on/off)" if any(run.switches for run in runs) else ""
-    figure.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), frameon=False,
+    figure.legend(handles, labels, loc="outside upper center", ncol=min(len(runs), 2 * columns), frameon=False,
                   title=f"learning curves{note}")
-    figure.tight_layout(rect=(0, 0, 1, 0.9 if rows == 1 else 0.94))
     partial = f"{path}.partial.png"
     figure.savefig(partial, dpi=110)
     plt.close(figure)

@@ -235,12 +235,12 @@ def train(run: RunConfig) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     prepare_training_environment(seed=run.train.seed, backend=backend)
     try:
+        parts = build_train_components(run)  # refuses held-out patterns that match nothing, before any write
         if get_rank() == 0:
             os.makedirs(run.train.save_folder, exist_ok=True)
             config_path = os.path.join(run.train.save_folder, RUN_CONFIG_FILE)
             write_text_atomically(config_path, json.dumps(dataclasses.asdict(run), indent=2))
         seed_all(run.train.seed)
-        parts = build_train_components(run)
         model = parts.model.build(init_device="meta")
         train_module = parts.train_module.build(model)
         data_loader = parts.data_loader.build(parts.dataset.build(), dp_process_group=train_module.dp_process_group)
