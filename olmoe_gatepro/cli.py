@@ -405,6 +405,16 @@ def _compare_groups(results: list[str], groups: list[str]) -> dict[str, list[str
     return parsed
 
 
+def _device(requested: str | None, command) -> str:
+    """``--device``, or cuda when there is one; a CUDA device without a visible GPU is refused."""
+    import torch
+
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        command.error(f"--device {device}: no CUDA GPU is visible")
+    return device
+
+
 def _check_model(model: str, command) -> None:
     """A local folder with a config.json, or something shaped like a hub id that is not a local path."""
     if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
@@ -416,8 +426,6 @@ def _check_model(model: str, command) -> None:
 
 
 def _evaluate(args, command) -> int:
-    import torch
-
     from olmoe_gatepro.evaluation.results import write_evaluation
 
     if args.limit is not None and args.limit < 1:
@@ -432,9 +440,7 @@ def _evaluate(args, command) -> int:
         gatepro = None if args.gatepro_penalty is None else GateProConfig(penalty=args.gatepro_penalty)
     except ValueError as error:
         command.error(f"--gatepro-penalty: {error}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        command.error(f"--device {device}: no CUDA GPU is visible")
+    device = _device(args.device, command)
     common = dict(label=args.label, tasks=tuple(args.tasks), gatepro=gatepro, limit=args.limit,
                   batch_size=args.batch_size, device=device)
     if args.suite == "olmo-in-loop":
@@ -562,9 +568,7 @@ def _inspect(args, command) -> int:
                    for penalty in _per_model(args.gatepro_penalty, "--gatepro-penalty", count, command)]
     except ValueError as error:
         command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        command.error(f"--device {device}: no CUDA GPU is visible")
+    device = _device(args.device, command)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                      ("bfloat16" if device.startswith("cuda") else "float32")]
     _check_out_folder(args.out, command)

@@ -96,6 +96,10 @@ class GateProRunConfig(GateProConfig):
         """``"steps"`` when a ``*_steps`` field is set, else ``"tokens"``."""
         return "steps" if self.on_from_steps is not None or self.off_after_steps is not None else "tokens"
 
+    def trained(self, *, tokens: int, steps: int) -> int:
+        """Of the tokens and optimizer steps trained so far, the count the schedule reads (``schedule_unit``)."""
+        return tokens if self.schedule_unit == "tokens" else steps
+
     def active_at(self, trained: int) -> bool:
         """Whether GatePro routes the step that starts after ``trained`` tokens (or steps: ``schedule_unit``)."""
         on, off = ((self.on_from_tokens, self.off_after_tokens) if self.schedule_unit == "tokens"

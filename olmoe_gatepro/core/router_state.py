@@ -27,6 +27,7 @@ from olmoe_gatepro.core.metrics import (
 )
 
 __all__ = [
+    "METRICS_FILE",
     "SETTINGS_ATTR",
     "PARTNERS_ATTR",
     "router_weight_matrix",
@@ -49,6 +50,7 @@ __all__ = [
     "routers_with_instance_state",
 ]
 
+METRICS_FILE = "gatepro_metrics.jsonl"  # the training callbacks' file of ``finish_step`` records, one a line
 SETTINGS_ATTR = "_gatepro"
 PARTNERS_ATTR = "_gatepro_partners"
 RECORD_ATTR = "_gatepro_record"

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from olmoe_gatepro.core.router_state import METRICS_FILE
 from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, load_samples
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 
 __all__ = ["METRICS_FILE", "Arm", "load_arms", "compare_arms", "routing_summary", "to_markdown", "to_csv", "compare"]
 
-METRICS_FILE = "gatepro_metrics.jsonl"
 _Z95 = 1.959963984540054
 
 

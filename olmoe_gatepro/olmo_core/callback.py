@@ -18,13 +18,11 @@ import torch.distributed as dist
 from olmo_core.train.callbacks import Callback
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.core.router_state import begin_step, finish_step
+from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
 __all__ = ["GateProCallback", "MetricsFileCallback", "METRICS_FILE"]
-
-METRICS_FILE = "gatepro_metrics.jsonl"
 
 
 @dataclass
@@ -47,21 +45,18 @@ class GateProCallback(Callback):
     def _metrics_path(self) -> str:
         return os.path.join(str(self.trainer.save_folder), self.metrics_file)
 
-    def _trained(self, tokens_before_step: int, steps_before_step: int) -> int:
-        return tokens_before_step if self.gatepro.schedule_unit == "tokens" else steps_before_step
-
     def pre_train(self) -> None:
-        trained = self._trained(self.trainer.global_train_tokens_seen, self.trainer.global_step)
+        trained = self.gatepro.trained(tokens=self.trainer.global_train_tokens_seen, steps=self.trainer.global_step)
         patch_olmo_core(model=self._model, config=self.gatepro.router_config(trained))
-        if self._is_writer():
+        if _is_rank_zero():
             drop_after_step(self._metrics_path, self.trainer.global_step)
 
     def pre_step(self, batch) -> None:
         batch_tokens = self.trainer.data_loader.global_num_tokens_in_batch(batch) or 0
         tokens_before_step = self.trainer.global_train_tokens_seen - batch_tokens
         step = self.trainer.global_step
-        begin_step(self._model, enabled=self.gatepro.active_at(self._trained(tokens_before_step, step - 1)), step=step,
-                   record=step % self.metrics_interval == 0)
+        trained = self.gatepro.trained(tokens=tokens_before_step, steps=step - 1)
+        begin_step(self._model, enabled=self.gatepro.active_at(trained), step=step, record=step % self.metrics_interval == 0)
 
     def post_train_batch(self) -> None:
         recorded = finish_step(self._model)
@@ -70,12 +65,9 @@ class GateProCallback(Callback):
         for index, layer in enumerate(recorded["layers"]):
             for name, value in layer.items():
                 self.trainer.record_metric(f"layer {index:02d}/{name}", value, namespace="gatepro")
-        if self._is_writer():
+        if _is_rank_zero():
             append_record(self._metrics_path, {"step": self.trainer.global_step,
                                                "tokens": self.trainer.global_train_tokens_seen, **recorded})
-
-    def _is_writer(self) -> bool:
-        return _is_rank_zero()
 
 
 @dataclass

@@ -52,6 +52,7 @@ from pathlib import Path
 from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.router_state import METRICS_FILE
 from olmoe_gatepro.olmo_core.run_config import load_run_config
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
 from olmoe_gatepro.jsonl import read_records, rewrite_records, write_text_atomically
@@ -115,7 +116,7 @@ def _train_stage(run: TinyRunConfig, name: str, gatepro: GateProConfig, folder: 
         return f"train {name}: done ({done})"
     started = time.monotonic()
     records = train_tiny(run, gatepro, corpus_tokens(run.corpus), checkpoint_dir=os.path.join(folder, "checkpoint"))
-    rewrite_records(os.path.join(folder, "gatepro_metrics.jsonl"), records)
+    rewrite_records(os.path.join(folder, METRICS_FILE), records)
     write_text_atomically(done, "")
     return (f"train {name}: {run.steps} steps in {time.monotonic() - started:.0f} s, "
             f"held-out loss {records[-1]['held_out_loss']:.4f}")
@@ -239,7 +240,7 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     print(summary, flush=True)
     write_text_atomically(table, f"{text}\n{summary}")
     tokens_per_step = preset.run.batch_size * preset.run.seq_len
-    write_learning_curves([curves_from_records(read_records(os.path.join(out_dir, name, "gatepro_metrics.jsonl")), name,
+    write_learning_curves([curves_from_records(read_records(os.path.join(out_dir, name, METRICS_FILE)), name,
                                                tokens_per_step) for name, _, _ in runs], report)
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
     print(f"report: {report}")

@@ -256,7 +256,7 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     trainer.add_callback(losses)
     trainer.remove_callback(PrinterCallback)
     if progress is not None:
-        trainer.add_callback(_Progress(progress, config.steps, losses))
+        trainer.add_callback(_Progress(progress, config.steps))
     trainer.train()
     records = [{"step": line["step"], **losses.losses[line["step"]], "layers": line["layers"]}
                for line in read_records(os.path.join(output_dir, METRICS_FILE))]
@@ -266,8 +266,8 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
 
 
 class _Progress(TrainerCallback):
-    def __init__(self, progress, steps: int, losses: _LossRecorder):
-        self.progress, self.steps, self.losses = progress, steps, losses
+    def __init__(self, progress, steps: int):
+        self.progress, self.steps = progress, steps
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

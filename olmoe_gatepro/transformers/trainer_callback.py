@@ -18,13 +18,11 @@ import os
 from transformers import TrainerCallback
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.core.router_state import begin_step, finish_step
+from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.transformers.patch import patch_transformers
 
 __all__ = ["GateProTrainerCallback", "METRICS_FILE"]
-
-METRICS_FILE = "gatepro_metrics.jsonl"
 
 
 class GateProTrainerCallback(TrainerCallback):
@@ -50,21 +48,21 @@ class GateProTrainerCallback(TrainerCallback):
         trainer.add_callback(callback)
         return callback
 
-    def _position(self, state) -> int:
+    def _trained(self, state) -> int:
         """Tokens or optimizer steps trained before the step about to run."""
-        return state.num_input_tokens_seen if self.gatepro.schedule_unit == "tokens" else state.global_step
+        return self.gatepro.trained(tokens=state.num_input_tokens_seen, steps=state.global_step)
 
     def _metrics_path(self, args) -> str:
         return os.path.join(args.output_dir, METRICS_FILE)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        patch_transformers(model=model, config=self.gatepro.router_config(self._position(state)))
+        patch_transformers(model=model, config=self.gatepro.router_config(self._trained(state)))
         if state.is_world_process_zero:
             drop_after_step(self._metrics_path(args), state.global_step)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
-        begin_step(model, enabled=self.gatepro.active_at(self._position(state)), step=step,
+        begin_step(model, enabled=self.gatepro.active_at(self._trained(state)), step=step,
                    record=step % self.metrics_interval == 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
