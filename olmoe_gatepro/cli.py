@@ -14,7 +14,8 @@ import re
 import sys
 
 from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES, model_kind
+from olmoe_gatepro.checkpoints import model_kind
+from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES
 from olmoe_gatepro.evaluation.results import RESULT_FILES, TASKS
 from olmoe_gatepro.olmo_core.run_config import ConfigError, RunConfig, load_run_config
 from olmoe_gatepro.pipelines.reproduce import PIPELINE_PRESETS
@@ -319,7 +320,7 @@ def _run(args, overrides: list[str], command) -> int | None:
     elif args.command == "selftest":
         return _selftest(args, command)
     elif args.command == "prepare-data":
-        from olmoe_gatepro.pipelines.data_prep import write_token_files
+        from olmoe_gatepro.data import write_token_files
 
         for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0)):
             if value < low:

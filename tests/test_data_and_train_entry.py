@@ -14,7 +14,7 @@ import pytest
 
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.olmo_core.run_config import load_run_config
-from olmoe_gatepro.pipelines.data_prep import write_token_files
+from olmoe_gatepro.data import write_token_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_train_dry_run_and_script_entry_point(tmp_path):
 
 
 def test_packaged_tokenizer_identifiers_load_without_the_hub():
-    from olmoe_gatepro.pipelines.data_prep import hf_tokenizer, load_tokenizer, tokenizer_file
+    from olmoe_gatepro.data import hf_tokenizer, load_tokenizer, tokenizer_file
 
     name = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"  # the OLMoE config's tokenizer.identifier
     assert tokenizer_file(name).endswith("olmo_eval/" + name)

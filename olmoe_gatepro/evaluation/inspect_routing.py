@@ -39,10 +39,11 @@ from olmoe_gatepro.core import metrics
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.pipelines.data_prep import document_token_ids, iter_documents, read_token_file
+from olmoe_gatepro.checkpoints import cannot_load, model_kind
+from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
 __all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
-           "to_csv", "summary_markdown", "model_kind", "cannot_load"]
+           "to_csv", "summary_markdown"]
 
 DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
 QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
@@ -68,32 +69,6 @@ class TextSource:
     texts: tuple[str, ...] = ()
     max_tokens: int = 65536
     sequence_length: int | None = None  # None: min(4096, the model's context)
-
-
-def model_kind(model: str) -> str:
-    """``"hf"``, ``"olmo-core"`` or ``"hub"``; a ValueError naming ``model`` when it is none of them."""
-    if os.path.isdir(model):
-        if os.path.exists(os.path.join(model, "config.json")):
-            return "hf"
-        from olmoe_gatepro.olmo_core.convert import find_checkpoint
-
-        try:
-            find_checkpoint(model)
-        except (FileNotFoundError, ValueError):
-            raise ValueError(f"model {model}: a folder with neither a config.json (Hugging Face) nor an "
-                             "OLMo-core checkpoint (stepN/model_and_optim)") from None
-        return "olmo-core"
-    if os.path.exists(model):
-        raise ValueError(f"model {model}: a file, not a model folder or hub id")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) or os.path.isdir(model.split("/")[0]):
-        raise ValueError(f"model {model}: no such folder (nor a hub id of the form owner/name)")
-    return "hub"
-
-
-def cannot_load(model: str, error: Exception) -> ValueError:
-    """The one-line error for a model that ``from_pretrained`` could not load."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"model {model}: cannot be loaded ({first_line})")
 
 
 @contextlib.contextmanager

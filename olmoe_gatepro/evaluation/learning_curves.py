@@ -70,7 +70,7 @@ def _collect(curves: RunCurves, points: list[tuple[str, int, int, float]]) -> Ru
 def curves_from_metrics(folder: str, label: str) -> RunCurves:
     """The curves of an OLMo-core save folder (see the module docstring)."""
     from olmoe_gatepro.olmo_core.run_config import ConfigError, load_run_config
-    from olmoe_gatepro.olmo_core.train import RUN_CONFIG_FILE
+    from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE
 
     try:
         run = load_run_config(os.path.join(folder, RUN_CONFIG_FILE))
@@ -133,7 +133,7 @@ def _task_curve(task: str, suite: str) -> str:
 
 def load_run_curves(folder: str, label: str, suite: str = "lm-eval") -> RunCurves:
     """The curves of ``folder``: an OLMo-core save folder, or a per-checkpoint evaluation folder of ``suite``."""
-    from olmoe_gatepro.olmo_core.train import RUN_CONFIG_FILE
+    from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: no such folder")

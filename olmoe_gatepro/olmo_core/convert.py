@@ -24,35 +24,18 @@ import tempfile
 
 import torch
 
-from olmoe_gatepro.olmo_core.run_config import RunConfig, load_run_config
+from olmoe_gatepro.checkpoints import find_checkpoint
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
-from olmoe_gatepro.olmo_core.train import RUN_CONFIG_FILE, build_transformer_config
+from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE, RunConfig, load_run_config
+from olmoe_gatepro.olmo_core.train import build_transformer_config
 from olmoe_gatepro.provenance import git_revision, package_versions
 
-__all__ = ["PROVENANCE_FILE", "find_checkpoint", "olmoe_hf_config", "convert_checkpoint"]
+__all__ = ["PROVENANCE_FILE", "olmoe_hf_config", "convert_checkpoint"]
 
 PROVENANCE_FILE = "olmoe_gatepro.json"
 PARTIAL_MARKER = ".olmoe-gatepro-convert"  # marks <out>.partial as ours: safe to replace after an interruption
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def find_checkpoint(path: str) -> tuple[str, int]:
-    """The step folder (``.../stepN``) and step of ``path``: a step folder, or a save folder's latest."""
-    from olmo_core.train.checkpoint import Checkpointer
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such folder")
-    step_dir = path if os.path.exists(os.path.join(path, "model_and_optim", ".metadata")) else None
-    if step_dir is None:
-        try:
-            step_dir = Checkpointer.latest_checkpoint(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} holds no OLMo-core checkpoint (no complete stepN folder)") from None
-    match = re.fullmatch(r"step(\d+)", os.path.basename(os.path.normpath(step_dir)))
-    if match is None:
-        raise ValueError(f"checkpoint {step_dir}: expected a folder named stepN")
-    return step_dir, int(match.group(1))
 
 
 def olmoe_hf_config(run: RunConfig, olmo_core_config, eos_token_id: int, pad_token_id: int):
@@ -181,7 +164,7 @@ def convert_checkpoint(
     """
     from huggingface_hub import save_torch_state_dict
 
-    from olmoe_gatepro.pipelines.data_prep import hf_tokenizer
+    from olmoe_gatepro.data import hf_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")

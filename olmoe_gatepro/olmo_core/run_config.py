@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from olmoe_gatepro.core.config import GateProRunConfig
 
 __all__ = [
+    "RUN_CONFIG_FILE",
+    "OLMO_CORE_CONFIG_FILE",
     "GateProRunConfig",
     "CallbacksConfig",
     "TrackerConfig",
@@ -24,6 +26,10 @@ __all__ = [
     "ConfigError",
     "load_run_config",
 ]
+
+
+RUN_CONFIG_FILE = "run_config.json"  # the resolved RunConfig, written into the save folder; convert reads it
+OLMO_CORE_CONFIG_FILE = "olmo_core_config.json"  # the OLMo-core configs built from it (callbacks.save_config)
 
 
 class ConfigError(ValueError):
@@ -160,7 +166,7 @@ class DataConfig:
         for name in ("eos_token_id", "pad_token_id"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
         _check(bool(self.tokenizer.strip()), "tokenizer must name a tokenizer; got an empty string")
-        from olmoe_gatepro.pipelines.data_prep import tokenizer_file
+        from olmoe_gatepro.data import tokenizer_file
 
         try:
             tokenizer_file(self.tokenizer)

@@ -13,13 +13,11 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from olmoe_gatepro.olmo_core.run_config import ConfigError, ModelConfig, RunConfig
+from olmoe_gatepro.olmo_core.run_config import OLMO_CORE_CONFIG_FILE, RUN_CONFIG_FILE, ConfigError, ModelConfig, RunConfig
 
-__all__ = ["RUN_CONFIG_FILE", "OLMO_CORE_CONFIG_FILE", "build_transformer_config", "build_train_components",
+__all__ = ["build_transformer_config", "build_train_components",
            "monitoring_callbacks", "evaluation_callbacks", "resolved_config", "train", "TrainComponents"]
 
-RUN_CONFIG_FILE = "run_config.json"  # the resolved RunConfig, written into the save folder; convert reads it
-OLMO_CORE_CONFIG_FILE = "olmo_core_config.json"  # the OLMo-core configs built from it (callbacks.save_config)
 
 
 class TrainComponents(NamedTuple):
@@ -172,7 +170,7 @@ def evaluation_callbacks(run: RunConfig, tokenizer, work_dir: str) -> dict:
     from olmo_core.train import Duration
     from olmo_core.train.callbacks import DownstreamEvaluatorCallbackConfig, LMEvaluatorCallbackConfig
 
-    from olmoe_gatepro.pipelines.data_prep import byte_tokenizer, tokenizer_file
+    from olmoe_gatepro.data import byte_tokenizer, tokenizer_file
 
     settings, callbacks = run.evaluation, {}
     finish = settings.on_finish and run.train.max_steps % settings.interval_steps != 0  # else the interval has it

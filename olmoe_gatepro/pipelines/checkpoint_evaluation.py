@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from olmoe_gatepro.checkpoints import complete_steps
 from olmoe_gatepro.evaluation.learning_curves import curves_from_checkpoint_results, switch_tokens, write_learning_curves
 from olmoe_gatepro.evaluation.results import RESULT_FILES, write_evaluation
 
@@ -42,7 +43,7 @@ class Checkpoint:
 def run_checkpoints(save_folder: str) -> list[Checkpoint]:
     """The complete checkpoints of an OLMo-core save folder, in step order."""
     from olmoe_gatepro.olmo_core.run_config import ConfigError, load_run_config
-    from olmoe_gatepro.olmo_core.train import RUN_CONFIG_FILE
+    from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE
 
     config = os.path.join(save_folder, RUN_CONFIG_FILE)
     if not os.path.isfile(config):
@@ -52,19 +53,11 @@ def run_checkpoints(save_folder: str) -> list[Checkpoint]:
     except ConfigError as error:
         raise ValueError(str(error)) from None
     switches = switch_tokens(dataclasses.asdict(run.gatepro), run.train.tokens_per_step)
-    steps = sorted(int(match["step"]) for name in os.listdir(save_folder)
-                   if (match := re.fullmatch(r"step(?P<step>\d+)", name))
-                   and _is_complete(os.path.join(save_folder, name)))
+    steps = complete_steps(save_folder)
     if not steps:
         raise ValueError(f"{save_folder} holds no complete checkpoint (stepN folder)")
     return [Checkpoint(f"step{step}", os.path.join(save_folder, f"step{step}"), None, step,
                        step * run.train.tokens_per_step, switches) for step in steps]
-
-
-def _is_complete(step_folder: str) -> bool:
-    """Whether OLMo-core finished writing this checkpoint (the files its ``dir_is_checkpoint`` checks)."""
-    return all(os.path.isfile(os.path.join(step_folder, *parts))
-               for parts in (("model_and_optim", ".metadata"), ("train", "rank0.pt"), (".metadata.json",)))
 
 
 def revision_checkpoints(model: str, revisions: list[str]) -> list[Checkpoint]:

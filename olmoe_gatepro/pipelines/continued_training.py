@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.evaluation.inspect_routing import cannot_load
+from olmoe_gatepro.checkpoints import cannot_load
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.pipelines.data_prep import document_token_ids, iter_documents, read_token_file
+from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
 __all__ = ["ContinuedTraining", "continue_training", "RECORD_FILE"]
 

@@ -247,7 +247,7 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     return report
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the checkout: olmoe_gatepro/pipelines/ -> root
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: olmoe_gatepro/configs
 
 
 @dataclass(frozen=True)

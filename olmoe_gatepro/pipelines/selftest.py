@@ -386,7 +386,7 @@ def _check_olmo_core_end_to_end(context: _Context) -> tuple[str, str]:
     from safetensors.torch import load_file
 
     from olmoe_gatepro.olmo_core.convert import convert_checkpoint
-    from olmoe_gatepro.pipelines.data_prep import write_token_files
+    from olmoe_gatepro.data import write_token_files
     from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES
 
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
-from olmoe_gatepro.pipelines.data_prep import byte_tokenizer
+from olmoe_gatepro.data import byte_tokenizer
 from olmoe_gatepro.transformers.trainer_callback import METRICS_FILE, GateProTrainerCallback
 
 __all__ = [
