@@ -18,7 +18,8 @@ import time
 import torch
 
 from olmoe_gatepro import patch_transformers
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
 
 def build_models(args):

@@ -11,3 +11,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+import presets  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
+
+presets.register()

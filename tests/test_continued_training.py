@@ -7,7 +7,8 @@ import pytest
 
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe, save_checkpoint
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 from test_bad_inputs import _refused, _snapshot
 
 ARMS = {"baseline": ["--baseline"], "gatepro": ["--gatepro-penalty", "0.05"]}

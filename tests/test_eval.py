@@ -12,7 +12,8 @@ import pytest
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.evaluation.results import SCHEMA, load_result
 from olmoe_gatepro.evaluation.results import TASKS
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe, save_checkpoint
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 
 
 @pytest.fixture(scope="module")

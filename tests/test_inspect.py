@@ -16,7 +16,8 @@ from olmoe_gatepro.core.reference import (
     reference_partners,
 )
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe, save_checkpoint
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 from olmoe_gatepro.transformers.patch import olmoe_routers
 from test_bad_inputs import _refused, _snapshot
 

@@ -87,7 +87,8 @@ def test_transformers_router_recording_matches_the_plain_loop_reference(enabled)
     from olmoe_gatepro import patch_transformers, unpatch
     from olmoe_gatepro.core.reference import reference_margin_fraction, reference_partner_coactivation
     from olmoe_gatepro.core.router_state import finish_recording, start_recording
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+    from olmoe_gatepro.pipelines.presets import TinyRunConfig
+    from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
     from olmoe_gatepro.transformers.patch import olmoe_routers
 
     model = build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=8, top_k=3, hidden_size=32, num_heads=2))

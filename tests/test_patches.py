@@ -66,7 +66,8 @@ def test_olmo_core_diff_routes_like_the_plugin(tmp_path, monkeypatch):
 def test_transformers_diff_routes_like_the_plugin(tmp_path, monkeypatch):
     import transformers.models.olmoe.modeling_olmoe as upstream
 
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+    from olmoe_gatepro.pipelines.presets import TinyRunConfig
+    from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
     path = _apply(
         "transformers-5.23.0-modeling_olmoe.diff", upstream, "src/transformers/models/olmoe/modeling_olmoe.py", tmp_path

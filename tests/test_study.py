@@ -2,7 +2,8 @@ import csv
 import json
 
 from olmoe_gatepro import cli
-from olmoe_gatepro.pipelines.study import PRESETS, SUMMARY_COLUMNS, activation_step, run_study
+from olmoe_gatepro.pipelines.presets import STUDY_PRESETS as PRESETS
+from olmoe_gatepro.pipelines.study import SUMMARY_COLUMNS, activation_step, run_study
 
 
 def test_minimal_study_writes_the_report_and_is_deterministic(tmp_path):

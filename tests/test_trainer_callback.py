@@ -65,7 +65,8 @@ def test_tokens_schedule_needs_token_counting(tmp_path):
 
     from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
     from trainer_run import dataset
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+    from olmoe_gatepro.pipelines.presets import TinyRunConfig
+    from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
     trainer = Trainer(model=build_tiny_olmoe(TinyRunConfig(num_layers=1)), train_dataset=dataset(4),
                       args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))

@@ -7,7 +7,8 @@ import torch
 
 import olmoe_gatepro
 from olmoe_gatepro import gatepro_settings, patch_transformers, set_gatepro, unpatch
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 from olmoe_gatepro import refresh_partners
 from olmoe_gatepro.transformers.patch import olmoe_routers
 from olmoe_gatepro.core.reference import reference_gatepro

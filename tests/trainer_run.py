@@ -12,7 +12,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe, corpus_tokens, deterministic_cpu
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, corpus_tokens, deterministic_cpu
 from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
 
 SEQ_LEN, BATCH, ACCUMULATION = 16, 2, 2

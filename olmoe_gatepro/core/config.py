@@ -4,7 +4,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["GateProConfig", "GateProRunConfig"]
+__all__ = ["GateProConfig", "GateProRunConfig", "DEFAULT_PENALTIES"]
+
+# The lambdas at which ``inspect`` measures boundary margins and flip rates: the paper's, then decades up to 1.
+DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from olmoe_gatepro.core import metrics
-from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.core.config import DEFAULT_PENALTIES, GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.checkpoints import cannot_load, model_kind
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
-__all__ = ["DEFAULT_PENALTIES", "ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
+__all__ = ["ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
            "to_csv", "summary_markdown"]
 
-DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
 QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
 OUTPUT = "routing.json"
 

@@ -18,7 +18,6 @@ and renamed only when complete and validated, so ``<out>`` is never half-written
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 

@@ -6,6 +6,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from olmoe_gatepro.core.config import GateProRunConfig
 
@@ -25,6 +26,10 @@ __all__ = [
     "RunConfig",
     "ConfigError",
     "load_run_config",
+    "SHIPPED_CONFIGS",
+    "shipped_configs",
+    "shipped_config_path",
+    "inherit_chain",
 ]
 
 
@@ -375,12 +380,9 @@ def _from_mapping(cls, data, where: str):
         raise ConfigError(f"{where or 'top level'}: {error}") from None
 
 
-def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
-    """The mapping of ``path`` with its ``inherit:`` chain merged in; ``chain`` holds the files inheriting it."""
+def _read_yaml_mapping(path: str) -> dict:
+    """The top-level mapping of the YAML file ``path``, as written (``inherit:`` not followed)."""
     import yaml
-
-    if os.path.realpath(path) in map(os.path.realpath, chain):
-        raise ConfigError(f"{chain[-1]}: inherit: {path!r} makes a cycle: {' -> '.join((*chain, path))}")
 
     try:
         with open(path) as file:
@@ -391,6 +393,14 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
+    return data
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """The mapping of ``path`` with its ``inherit:`` chain merged in; ``chain`` holds the files inheriting it."""
+    if os.path.realpath(path) in map(os.path.realpath, chain):
+        raise ConfigError(f"{chain[-1]}: inherit: {path!r} makes a cycle: {' -> '.join((*chain, path))}")
+    data = _read_yaml_mapping(path)
     if "inherit" not in data:
         return data
     inherit = data.pop("inherit")
@@ -441,8 +451,12 @@ def load_run_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfi
     """Read a run config YAML strictly; ``overrides`` are ``--section.key=value`` strings (YAML values).
 
     A file may start from another with ``inherit: other.yaml`` (relative to it) and override keys.
-    Every error is a ``ConfigError`` naming the file (or override) and the key.
+    ``path`` may also name a config this package ships (``olmoe-1b-7b/gatepro``, see
+    ``shipped_configs``) when no such file exists. Every error is a ``ConfigError`` naming the file
+    (or override) and the key.
     """
+    if not os.path.exists(path) and shipped_config_path(path) is not None:
+        path = str(shipped_config_path(path))
     data = _read_yaml(path)
     for override in overrides:
         _apply_override(data, override)
@@ -451,3 +465,32 @@ def load_run_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfi
     except ConfigError as error:
         source = f"{path} with overrides {list(overrides)}" if overrides else path
         raise ConfigError(f"{source}: {error}") from None
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: olmoe_gatepro/configs
+
+
+def shipped_configs() -> list[str]:
+    """The names of the run configs this package ships (``olmoe-1b-7b/gatepro``, ...), sorted."""
+    return sorted(str(path.relative_to(SHIPPED_CONFIGS).with_suffix("")) for path in SHIPPED_CONFIGS.rglob("*.yaml"))
+
+
+def shipped_config_path(name: str) -> Path | None:
+    """The file of the shipped config ``name`` (with or without ``.yaml``); None when there is none."""
+    if name.removesuffix(".yaml") not in shipped_configs():
+        return None
+    return SHIPPED_CONFIGS / f"{name.removesuffix('.yaml')}.yaml"
+
+
+def inherit_chain(path: str) -> list[str]:
+    """``path`` and the files it inherits from, in order (each ``inherit:`` is relative to its file)."""
+    chain = [path]
+    while True:
+        data = _read_yaml_mapping(chain[-1])
+        inherit = data.get("inherit")
+        if not isinstance(inherit, str):
+            return chain
+        base = os.path.normpath(os.path.join(os.path.dirname(chain[-1]), inherit))
+        if base in chain:
+            raise ConfigError(f"{chain[-1]}: inherit: {inherit!r} makes a cycle: {' -> '.join((*chain, base))}")
+        chain.append(base)

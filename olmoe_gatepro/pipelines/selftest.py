@@ -150,7 +150,8 @@ def _check_math(context: _Context) -> tuple[str, str]:
 
 
 def _tiny_olmoe(seed: int, experts: int = 8):
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+    from olmoe_gatepro.pipelines.presets import TinyRunConfig
+    from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
     config = TinyRunConfig(seed=seed, hidden_size=32, num_layers=2, num_heads=2, num_experts=experts, top_k=2,
                            expert_hidden_size=16)
@@ -306,7 +307,8 @@ def _check_router_overhead(context: _Context) -> tuple[str, str]:
 
 
 def _check_train_throughput(context: _Context) -> tuple[str, str]:
-    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+    from olmoe_gatepro.pipelines.presets import TinyRunConfig
+    from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
     from olmoe_gatepro.transformers.patch import patch_transformers, unpatch_transformers
 
     config = TinyRunConfig(hidden_size=256, num_layers=2, num_heads=4, num_experts=16, top_k=4, expert_hidden_size=256,

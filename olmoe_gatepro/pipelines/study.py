@@ -16,78 +16,12 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
-from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.jsonl import append_record, repair, write_text_atomically
-from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, TinyRunConfig, corpus_tokens, train_tiny
+from olmoe_gatepro.pipelines.presets import StudyPreset
+from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, corpus_tokens, train_tiny
 
-__all__ = ["StudySetting", "PRESETS", "run_study", "summarise", "activation_step"]
-
-
-@dataclass(frozen=True)
-class StudySetting:
-    """One GatePro setting of a study, named for tables and plots."""
-
-    name: str
-    gatepro: GateProConfig
-
-
-def _lambda_name(penalty: float) -> str:
-    return f"lambda={penalty:g}"
-
-
-PAPER_GRID = (
-    StudySetting("off", GateProConfig(enabled=False)),
-    *(StudySetting(_lambda_name(p), GateProConfig(penalty=p)) for p in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
-    StudySetting("top-2, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=2)),
-    StudySetting("top-4, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=4)),
-    StudySetting("hard", GateProConfig(hard=True)),
-)
-
-
-@dataclass(frozen=True)
-class StudyPreset:
-    """What a study trains: the model and run, the settings, the seeds and the LBL weights."""
-
-    run: TinyRunConfig
-    settings: tuple[StudySetting, ...]
-    seeds: tuple[int, ...]
-    lb_loss_weights: tuple[float, ...]
-
-
-PRESETS = {
-    # About 15 minutes on a 2-core CPU: 9 settings x 2 LBL weights x 3 seeds = 54 runs.
-    "cpu": StudyPreset(
-        run=TinyRunConfig(
-            steps=200, batch_size=8, seq_len=128, num_layers=4, num_experts=32, top_k=4, log_every=10
-        ),
-        settings=PAPER_GRID,
-        seeds=(0, 1, 2),
-        lb_loss_weights=(0.01, 0.0),
-    ),
-    # Larger: 64 and 128 experts, top-8, 2,000 steps of 16 x 512 tokens, on a CUDA GPU through
-    # transformers' OLMoE. Not run yet (no GPU was available); about 36 runs per expert count.
-    "gpu": StudyPreset(
-        run=TinyRunConfig(
-            steps=2000, batch_size=16, seq_len=512, hidden_size=512, num_layers=8, num_heads=8,
-            num_experts=64, top_k=8, expert_hidden_size=256, learning_rate=1e-3, log_every=50,
-            device="cuda", corpus="stdlib",
-        ),
-        settings=PAPER_GRID,
-        seeds=(0, 1, 2),
-        lb_loss_weights=(0.01, 0.0),
-    ),
-    # For tests: two settings, a few steps.
-    "minimal": StudyPreset(
-        run=TinyRunConfig(
-            steps=4, batch_size=2, seq_len=32, num_layers=2, num_experts=8, top_k=2, log_every=2
-        ),
-        settings=(PAPER_GRID[0], StudySetting(_lambda_name(0.1), GateProConfig(penalty=0.1))),
-        seeds=(0,),
-        lb_loss_weights=(0.01,),
-    ),
-}
+__all__ = ["run_study", "summarise", "activation_step"]
 
 
 def _run_key(setting: str, lb_loss_weight: float, seed: int) -> str:

@@ -19,12 +19,10 @@ import dataclasses
 import inspect
 import importlib
 import json
-import math
 import os
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,10 +33,10 @@ from transformers.trainer_callback import PrinterCallback
 from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 from olmoe_gatepro.data import byte_tokenizer
+from olmoe_gatepro.pipelines.presets import TinyRunConfig
 from olmoe_gatepro.transformers.trainer_callback import METRICS_FILE, GateProTrainerCallback
 
 __all__ = [
-    "TinyRunConfig",
     "deterministic_cpu",
     "corpus_tokens",
     "build_tiny_olmoe",
@@ -48,7 +46,6 @@ __all__ = [
     "format_comparison",
 ]
 
-CORPORA = ("small", "stdlib")
 HELD_OUT_SEED = 1234  # the held-out batch is the same for every run and seed
 CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
 LAYER_METRICS = (
@@ -63,50 +60,6 @@ LAYER_METRICS = (
     "margin_below_penalty",
     "routed_tokens",
 )
-
-
-@dataclass(frozen=True)
-class TinyRunConfig:
-    """A tiny OLMoE and its CPU training run."""
-
-    seed: int = 0
-    steps: int = 40
-    batch_size: int = 16
-    seq_len: int = 128
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_experts: int = 16
-    top_k: int = 4
-    expert_hidden_size: int = 64
-    learning_rate: float = 3e-3
-    router_aux_loss_coef: float = 0.01
-    log_every: int = 10
-    device: str = "cpu"
-    corpus: str = "small"
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "expert_hidden_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2; got {self.seq_len}")
-        if self.num_experts < 2:
-            raise ValueError(f"num_experts must be >= 2 for GatePro; got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must lie in [1, num_experts = {self.num_experts}]; got {self.top_k}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate}")
-        if not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be finite and >= 0; got {self.router_aux_loss_coef}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
-        if self.corpus not in CORPORA:
-            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}; got {self.corpus!r}")
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N]; got {self.device!r}")
 
 
 @contextlib.contextmanager

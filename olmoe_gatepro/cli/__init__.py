@@ -1,0 +1,72 @@
+"""The ``olmoe-gatepro`` command line.
+
+Bad input (a flag, a config key, a file, a folder) ends with one line naming the value and
+where it came from, exit code 2 and no traceback, before anything is written; Ctrl-C ends with
+exit code 130.
+
+One module per command group; each registers its commands and only parses flags, then calls a
+library function, importing torch and the frameworks only when a command runs, so that
+``--help`` and ``--version`` answer at once.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from olmoe_gatepro.cli import config, continued, evaluation, reproduce, selftest, tiny, training
+from olmoe_gatepro.cli.common import check_unknown
+
+__all__ = ["build_parser", "main"]
+
+GROUPS = (tiny, training, reproduce, evaluation, continued, selftest, config)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("olmoe-gatepro")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="olmoe-gatepro", description="GatePro (arXiv 2510.13079) for OLMoE-style MoE models: train, convert, evaluate, compare, inspect.")
+    parser.add_argument("--version", action="version", version=f"olmoe-gatepro {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler=None, takes_overrides: bool = False, **kwargs) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, **kwargs)
+        sub.set_defaults(handler=handler, command_parser=sub, takes_overrides=takes_overrides)
+        return sub
+
+    for group in GROUPS:
+        group.register(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    command = args.command_parser
+    sections = None
+    if args.takes_overrides:
+        from olmoe_gatepro.olmo_core.run_config import RunConfig
+
+        sections = {field.name for field in dataclasses.fields(RunConfig)}
+    check_unknown(unknown, command, sections)
+    from olmoe_gatepro.env_activation import config_from_env
+
+    try:
+        config_from_env()  # a bad OLMOE_GATEPRO* value stops here, not at a router's import
+    except ValueError as error:
+        command.error(str(error))
+    try:
+        return _run(args, unknown, command) or 0
+    except KeyboardInterrupt:
+        print(f"olmoe-gatepro {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, overrides: list[str], command) -> int | None:
+    return args.handler(args, overrides, command)

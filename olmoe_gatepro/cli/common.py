@@ -1,0 +1,139 @@
+"""What every command shares: flags from dataclasses, presets, and the checks of paths and devices.
+
+Nothing here imports torch at module level: parsing must answer at once.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+
+__all__ = ["preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
+           "check_out_folder", "device", "check_model", "per_model", "count"]
+
+
+def preset_flag(parser: argparse.ArgumentParser, presets: dict, default: str, what: str) -> None:
+    """``--preset``, checked against ``presets`` when parsing (tests may add presets to the table)."""
+    shown = sorted(presets)
+
+    def preset(text: str) -> str:
+        if text not in presets:
+            raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of {', '.join(shown)}")
+        return text
+
+    parser.add_argument("--preset", type=preset, default=default, metavar="{" + ",".join(shown) + "}",
+                        help=f"{what} (default: {default})")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, helps: dict[str, str]) -> None:
+    """One ``--{prefix}{field}`` flag per field of the dataclass ``cls``, typed by its default."""
+    for field in dataclasses.fields(cls):
+        default = field.default
+        flag = f"--{prefix}{field.name.replace('_', '-')}"
+        text = f"{helps.get(field.name, field.name)} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=parse_bool, default=default, metavar="BOOL", help=text)
+        elif default is None:
+            parser.add_argument(flag, type=int, default=None, metavar="INT", help=text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=text)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def dataclass_or_error(cls, args: argparse.Namespace, prefix: str, command: argparse.ArgumentParser):
+    """``cls`` from its flags; a refused value ends with an error naming the flag it came from."""
+    dest_prefix = prefix.replace("-", "_")
+    try:
+        return cls(**{f.name: getattr(args, dest_prefix + f.name) for f in dataclasses.fields(cls)})
+    except ValueError as error:
+        message = str(error).removeprefix(f"{cls.__name__}.")
+        field = message.split()[0]  # the messages of both configs start with the field's name
+        names = {f.name for f in dataclasses.fields(cls)}
+        flag = f"--{prefix}{field.replace('_', '-')}: " if field in names else ""
+        command.error(f"{flag}{message}")
+
+
+OVERRIDE = re.compile(r"--(?P<section>[A-Za-z_]+)(\.[A-Za-z_]+)*=.*")
+
+
+def check_unknown(unknown: list[str], command: argparse.ArgumentParser, sections: set[str] | None) -> None:
+    """Refuse what argparse did not know, suggesting the closest flag; keep ``--section.key=value``
+    when the command takes config overrides (``sections``: the run config's section names)."""
+    for item in unknown:
+        match = OVERRIDE.fullmatch(item)
+        if sections is not None and match and match["section"] in sections:
+            continue
+        flag = item.split("=")[0]
+        known = [option for action in command._actions for option in action.option_strings]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        form = " (config overrides take the form --section.key=value)" if sections is not None else ""
+        command.error(f"unrecognized argument {item!r}{hint}{form}")
+
+
+def check_out_folder(path: str, command: argparse.ArgumentParser, flag: str = "--out") -> None:
+    """``path`` must be a folder, or creatable as one; nothing is created here."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            command.error(f"{flag} {path}: exists and is not a folder")
+        if not os.access(path, os.W_OK):
+            command.error(f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        command.error(f"{flag} {path}: cannot be created ({parent} is not a writable folder)")
+
+
+def device(requested: str | None, command: argparse.ArgumentParser) -> str:
+    """``--device``, or cuda when there is one; a CUDA device without a visible GPU is refused."""
+    import torch
+
+    chosen = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if chosen.startswith("cuda") and not torch.cuda.is_available():
+        command.error(f"--device {chosen}: no CUDA GPU is visible")
+    return chosen
+
+
+def check_model(model: str, command: argparse.ArgumentParser) -> None:
+    """A local folder with a config.json, or something shaped like a hub id that is not a local path."""
+    from olmoe_gatepro.checkpoints import model_kind
+
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        command.error(f"model {model}: a folder without config.json, not a Hugging Face model folder")
+    try:
+        model_kind(model)  # a file, or neither a folder nor shaped like a hub id
+    except ValueError as error:
+        command.error(str(error))
+
+
+def per_model(values: list, flag: str, count_: int, command: argparse.ArgumentParser) -> list:
+    """A flag given once (for every model), once per model, or not at all (None for each)."""
+    if not values:
+        return [None] * count_
+    if len(values) == 1:
+        return values * count_
+    if len(values) != count_:
+        command.error(f"{flag} is given {len(values)} times for {count_} models: give it once, or once per model")
+    return values
+
+
+def count(text: str) -> int:
+    """A whole number, also written like 2e9."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 2000000 or 2e9, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)

@@ -1,0 +1,54 @@
+"""``continue``: continued training of a Hugging Face MoE checkpoint with the Trainer, GatePro on or off."""
+
+from olmoe_gatepro.cli.common import check_model, check_out_folder, count
+
+FIELDS = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "batch_size", "gradient_accumulation_steps",
+          "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16")
+
+
+def register(command) -> None:
+    resume = command("continue", continue_command,
+                     help="continue training a Hugging Face MoE checkpoint with the Trainer, GatePro on or off")
+    resume.add_argument("model", help="a Hugging Face folder or hub id (OLMoE, Qwen-MoE, FlexOlmo, Mixtral, ...)")
+    resume.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="OLMo-core token files (.npy) or text / .jsonl files (tokenised with the model's tokenizer)")
+    resume.add_argument("--train-tokens", type=count, required=True, help="tokens to train on, e.g. 2e9")
+    arm = resume.add_mutually_exclusive_group(required=True)
+    arm.add_argument("--gatepro-penalty", type=float, default=None, help="the GatePro arm, at this lambda")
+    arm.add_argument("--baseline", action="store_true", help="the arm without GatePro (its routing is still recorded)")
+    resume.add_argument("--out", required=True, help="run folder: checkpoints, gatepro_metrics.jsonl, and hf/ at the end")
+    resume.add_argument("--revision", default=None, help="hub revision of the model")
+    resume.add_argument("--tokens-dtype", choices=("uint16", "uint32"), default="uint16", help="raw token files' dtype")
+    for flag, default, text in (("--sequence-length", 2048, "tokens per sequence"),
+                                ("--batch-size", 4, "sequences per process and micro-batch"),
+                                ("--gradient-accumulation-steps", 1, "micro-batches per optimizer step"),
+                                ("--warmup-steps", 0, "linear warmup steps (then cosine decay)"),
+                                ("--seed", 0, "data order and initial RNG"),
+                                ("--metrics-interval", 10, "log routing metrics every this many steps")):
+        resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+    resume.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
+    resume.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPUs)")
+
+
+def continue_command(args, overrides, command) -> int:
+    from olmoe_gatepro.core.config import GateProRunConfig
+    from olmoe_gatepro.pipelines.continued_training import ContinuedTraining, continue_training
+
+    check_model(args.model, command)
+    check_out_folder(args.out, command)
+    try:
+        gatepro = GateProRunConfig(enabled=not args.baseline, penalty=args.gatepro_penalty or 1e-4)
+    except ValueError as error:
+        command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
+    try:
+        spec = ContinuedTraining(model=args.model, data=tuple(args.data), gatepro=gatepro,
+                                 **{name: getattr(args, name) for name in FIELDS})
+        record = continue_training(spec, args.out)
+    except (ValueError, FileExistsError) as error:
+        message = str(error)
+        name = message.split()[0].rstrip(":")
+        if name in (*FIELDS, "data"):  # the field's flag: --train-tokens, --data, ...
+            message = f"--{name.replace('_', '-')}: {message.removeprefix('data: ')}"
+        command.error(message)
+    print(f"continued {args.model} for {record['steps']} steps ({record['tokens']} tokens); wrote {args.out}/hf")
+    return 0

