@@ -4,8 +4,15 @@
 """
 
 from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.pipelines.presets import (PAPER_GRID, REPRODUCE_PRESETS, STUDY_PRESETS, ReproducePreset, StudyPreset,
-                                             StudySetting, TinyRunConfig)
+from olmoe_gatepro.pipelines.presets import (
+    PAPER_GRID,
+    REPRODUCE_PRESETS,
+    STUDY_PRESETS,
+    ReproducePreset,
+    StudyPreset,
+    StudySetting,
+    TinyRunConfig,
+)
 
 TEST_REPRODUCE_PRESETS = {
     "tiny": ReproducePreset(

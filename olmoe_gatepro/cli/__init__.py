@@ -13,8 +13,17 @@ import argparse
 import dataclasses
 import sys
 
-from olmoe_gatepro.cli import config, continued, evaluation, reproduce, selftest, tiny, training
+from olmoe_gatepro.cli import (
+    config,
+    continued,
+    evaluation,
+    reproduce,
+    selftest,
+    tiny,
+    training,
+)
 from olmoe_gatepro.cli.common import check_unknown
+from olmoe_gatepro.extras import missing_extra
 
 __all__ = ["build_parser", "main"]
 
@@ -63,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         command.error(str(error))
     try:
         return _run(args, unknown, command) or 0
+    except ImportError as error:  # an optional install is missing: say which, in one line
+        message = missing_extra(error)
+        if message is None:
+            raise
+        command.error(message)
     except KeyboardInterrupt:
         print(f"olmoe-gatepro {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -26,9 +26,14 @@ def list_command(args, overrides, command) -> int:
 
 
 def show_command(args, overrides, command) -> int:
-    from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, inherit_chain, shipped_config_path, shipped_configs
-
     import difflib
+
+    from olmoe_gatepro.olmo_core.run_config import (
+        SHIPPED_CONFIGS,
+        inherit_chain,
+        shipped_config_path,
+        shipped_configs,
+    )
 
     path = shipped_config_path(args.name)
     if path is None:

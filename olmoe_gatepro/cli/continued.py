@@ -1,6 +1,7 @@
 """``continue``: continued training of a Hugging Face MoE checkpoint with the Trainer, GatePro on or off."""
 
 from olmoe_gatepro.cli.common import check_model, check_out_folder, count
+from olmoe_gatepro.extras import require
 
 FIELDS = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "batch_size", "gradient_accumulation_steps",
           "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16")
@@ -31,8 +32,12 @@ def register(command) -> None:
 
 
 def continue_command(args, overrides, command) -> int:
+    require("accelerate")  # the Trainer's own check names no module
     from olmoe_gatepro.core.config import GateProRunConfig
-    from olmoe_gatepro.pipelines.continued_training import ContinuedTraining, continue_training
+    from olmoe_gatepro.pipelines.continued_training import (
+        ContinuedTraining,
+        continue_training,
+    )
 
     check_model(args.model, command)
     check_out_folder(args.out, command)

@@ -128,7 +128,11 @@ def eval_command(args, overrides, command) -> int:
 
 def _evaluate_checkpoints(args, evaluate_one, command) -> int:
     """``eval --each-checkpoint``: an OLMo-core save folder's checkpoints, or a hub model's revisions."""
-    from olmoe_gatepro.pipelines.checkpoint_evaluation import evaluate_checkpoints, revision_checkpoints, run_checkpoints
+    from olmoe_gatepro.pipelines.checkpoint_evaluation import (
+        evaluate_checkpoints,
+        revision_checkpoints,
+        run_checkpoints,
+    )
 
     if args.overwrite:
         command.error("--overwrite: --each-checkpoint skips the checkpoints already evaluated; remove a "
@@ -172,7 +176,10 @@ def _compare_groups(results: list[str], groups: list[str]) -> dict[str, list[str
 
 def compare_command(args, overrides, command) -> int:
     from olmoe_gatepro.evaluation.compare import compare
-    from olmoe_gatepro.evaluation.learning_curves import load_run_curves, write_learning_curves
+    from olmoe_gatepro.evaluation.learning_curves import (
+        load_run_curves,
+        write_learning_curves,
+    )
 
     if not (args.results or args.group or args.curves):
         command.error("nothing to compare: give result files or run folders, --group, or --curves")
@@ -198,7 +205,12 @@ def compare_command(args, overrides, command) -> int:
 def inspect_command(args, overrides, command) -> int:
     import torch
 
-    from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, write_report
+    from olmoe_gatepro.evaluation.inspect_routing import (
+        ModelToInspect,
+        TextSource,
+        inspect_models,
+        write_report,
+    )
 
     count = len(args.models)
     if args.label and len(args.label) != count:

@@ -3,6 +3,7 @@
 import sys
 
 from olmoe_gatepro.cli.common import preset_flag
+from olmoe_gatepro.extras import require
 from olmoe_gatepro.pipelines.presets import PIPELINE_PRESETS, REPRODUCE_PRESETS
 
 
@@ -35,6 +36,7 @@ def reproduce_command(args, overrides, command) -> int:
         if overrides or args.dry_run or args.shipped_eval_data or args.launcher:
             command.error(f"--preset {args.preset} runs in this process: it takes no --dry-run, "
                           f"--launcher, --shipped-eval-data or config overrides (got {overrides or 'a flag'})")
+        require("accelerate")  # the tiny presets train with the Trainer, whose own check names no module
         reproduce(args.preset, out)
     except ValueError as error:  # ConfigError is a ValueError
         command.error(str(error))

@@ -1,7 +1,13 @@
 """``smoke`` and ``study``: tiny OLMoEs trained on this machine, with and without GatePro."""
 
-from olmoe_gatepro.cli.common import add_dataclass_flags, check_out_folder, dataclass_or_error, preset_flag
+from olmoe_gatepro.cli.common import (
+    add_dataclass_flags,
+    check_out_folder,
+    dataclass_or_error,
+    preset_flag,
+)
 from olmoe_gatepro.core.config import GateProConfig
+from olmoe_gatepro.extras import require
 from olmoe_gatepro.pipelines.presets import STUDY_PRESETS, TinyRunConfig
 
 SMOKE_HELP = {
@@ -42,6 +48,7 @@ def register(command) -> None:
 
 
 def smoke_command(args, overrides, command) -> int:
+    require("accelerate")  # the Trainer's own check names no module
     from olmoe_gatepro.pipelines.tiny_run import compare_tiny
 
     tiny = dataclass_or_error(TinyRunConfig, args, "", command)
@@ -55,6 +62,7 @@ def smoke_command(args, overrides, command) -> int:
 
 
 def study_command(args, overrides, command) -> int:
+    require("accelerate")  # the Trainer's own check names no module
     import torch
 
     from olmoe_gatepro.pipelines.study import run_study

@@ -26,6 +26,8 @@ def enable_cpu_moe() -> None:
     """
     if _KERNELS not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
+    import olmo_core  # noqa: F401  (its absence is the [olmo-core] extra's error, not Triton's)
+
     try:
         import olmo_core.kernels.moe as kernels
         from triton.runtime.autotuner import Autotuner
