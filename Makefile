@@ -1,12 +1,12 @@
 # Two entry points: `make smoke` (the main job, `olmoe-gatepro reproduce`, on its tiny CPU
-# default) and `make test`.
+# default) and `make test` (everything, as CI runs it); `make test-fast` runs tests/unit alone.
 # Each creates .venv with the pinned dependencies when it is missing or out of date.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: smoke test bench clean
+.PHONY: smoke test test-fast bench clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ smoke: $(INSTALLED)
 test: $(INSTALLED)
 	# Two workers (the CI machine has two cores); a file's tests stay together (module fixtures).
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+test-fast: $(INSTALLED)
+	# Pure logic and small models: about a minute.
+	$(BIN)/python -m pytest -n 2 tests/unit
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/router_overhead.py --quick

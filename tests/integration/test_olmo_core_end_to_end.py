@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS_PER_STEP = 2 * 16
 SMALL = ["--train.sequence_length=16", "--train.global_batch_sequences=2", "--train.micro_batch_sequences=2",
          "--train.checkpoint_interval_steps=2", "--train.metrics_interval_steps=1", "--optim.warmup_tokens=32"]

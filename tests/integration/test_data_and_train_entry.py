@@ -16,7 +16,7 @@ from olmoe_gatepro.cli import main
 from olmoe_gatepro.olmo_core.run_config import load_run_config
 from olmoe_gatepro.data import write_token_files
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _corpus(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN = ["--train.sequence_length=128", "--train.global_batch_sequences=1", "--train.micro_batch_sequences=1",
        "--train.max_tokens=384", "--train.checkpoint_interval_steps=2", "--train.metrics_interval_steps=1",
        "--optim.warmup_tokens=128"]

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from olmoe_gatepro.olmo_core.run_config import load_run_config
 from olmoe_gatepro.olmo_core.convert import PROVENANCE_FILE, convert_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # expert_hidden_size != d_model, so that a transposed expert matrix cannot pass unnoticed.
 SHAPE = ["--model.d_model=32", "--model.expert_hidden_size=48", "--model.n_heads=4", "--model.n_layers=2",
          "--model.num_experts=8", "--model.top_k=2"]

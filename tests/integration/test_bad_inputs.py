@@ -10,7 +10,7 @@ import pytest
 
 from olmoe_gatepro.cli import main
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 TINY_CONFIG = os.path.join(CONFIGS, "tiny-test.yaml")
 
 

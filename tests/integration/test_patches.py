@@ -11,7 +11,7 @@ import torch
 
 from olmoe_gatepro import patch_olmo_core, patch_transformers, unpatch
 
-PATCHES = Path(__file__).resolve().parent.parent / "patches"
+PATCHES = Path(__file__).resolve().parents[2] / "patches"
 PENALTY = 0.3
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from olmoe_gatepro.olmo_core.run_config import ConfigError, GateProRunConfig, load_run_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 TINY = str(CONFIGS / "tiny-test.yaml")
 

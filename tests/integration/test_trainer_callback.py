@@ -12,7 +12,7 @@ from olmoe_gatepro.core.config import GateProRunConfig
 from olmoe_gatepro.jsonl import read_records
 from trainer_run import TOKENS_PER_STEP, train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where trainer_run.py lives
 
 
 @pytest.fixture(autouse=True)

@@ -154,7 +154,7 @@ def test_fsdp_sharded_router_routes_exactly_as_unsharded(tmp_path):
     import subprocess
     from pathlib import Path
 
-    worker = Path(__file__).with_name("fsdp_router_worker.py")
+    worker = Path(__file__).parents[1] / "fsdp_router_worker.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(worker)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
