@@ -166,6 +166,9 @@ def test_three_paired_seeds_give_a_method_level_verdict(tmp_path):
     assert "**gatepro** vs baseline: 3 and 3 seeds, paired by seed; method-level test" in table
     assert "better on PIQA by 20.33 points" in table and "(Δ +20.33* [" in table
     assert "No claim about the method on MMLU, HellaSwag, ARC-Challenge, COPA: the seed spread there is exactly 0" in table
+    assert main(["compare", "--group", f"baseline={','.join(b)}", "--group", f"gatepro={','.join(g)}",
+                 "--paired-seeds", "--seed-sd", "copa=2.5", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "comparison.json").read_text())["rows"][1]["columns"]["piqa"] == piqa
     unpaired = compare({"baseline": b, "gatepro": g}, str(tmp_path / "out2"), echo=_quiet)
     assert unpaired["rows"][1]["columns"]["piqa"]["test"] == "Welch t on per-seed scores"
     with pytest.raises(ValueError, match="same number of runs in every group"):
@@ -290,6 +293,9 @@ def test_bad_result_files_are_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--group", "baseline"], "expected LABEL=RUN"),
+    (["a", "b", "--seed-sd", "copa"], "--seed-sd 'copa': expected COLUMN=POINTS"),
+    (["a", "b", "--seed-sd", "copa=-1"], "POINTS a number > 0"),
+    (["a", "b", "--seed-sd", "copa=1", "--seed-sd", "copa=2"], "copa is given twice"),
     (["--group", "a=x", "--group", "a=y"], "given twice"),
     (["runs/a", "--group", "a=x"], "not both"),
 ])

@@ -44,7 +44,7 @@ from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, lo
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 
 __all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "Arm", "load_arms", "compare_arms",
-           "routing_summary", "to_markdown", "to_csv", "compare"]
+           "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
 
 PRIMARY, PAPER_AVERAGE = "pooled", "avg"
 # The paper's Table 2 (OLMoE-1B-7B, 400B tokens): GatePro minus baseline, in points.
@@ -600,6 +600,24 @@ def routing_summary(arms: list[Arm]) -> list[dict]:
         summary.append({"label": arm.label, "applied": applied, "layers": layers, "overall": statistics.fmean(layers),
                         "runs": runs})
     return summary
+
+
+def parse_seed_sd(texts: list[str]) -> dict[str, float]:
+    """``--seed-sd COLUMN=POINTS`` flags as {column: points}; bad ones are a ValueError naming them."""
+    parsed = {}
+    for text in texts:
+        column, sep, value = text.partition("=")
+        try:
+            points = float(value)
+        except ValueError:
+            points = math.nan
+        if not sep or not math.isfinite(points) or points <= 0:
+            raise ValueError(f"--seed-sd {text!r}: expected COLUMN=POINTS with POINTS a number > 0 (one model's "
+                             "seed standard deviation in percentage points)")
+        if column in parsed:
+            raise ValueError(f"--seed-sd {text!r}: {column} is given twice")
+        parsed[column] = points
+    return parsed
 
 
 def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, suite: str = "lm-eval",
