@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
+    compare.add_argument("--paired-seeds", action="store_true",
+                         help="the i-th run of every --group shares initial weights and data order with the i-th "
+                              "run of the baseline (paired t test on per-seed deltas; default: Welch)")
+    compare.add_argument("--seed-sd", action="append", default=[], metavar="COLUMN=POINTS",
+                         help="one model's seed standard deviation of a column (e.g. a published one), for the seeds "
+                              "a method-level claim needs where no seeds were measured (repeat)")
     compare.add_argument("--curves", action="append", default=[], metavar="LABEL=FOLDER",
                          help="learning curves of a run (repeat; the same axes for all): an OLMo-core save folder "
                               "(its metrics file) or an eval --each-checkpoint folder")
@@ -508,7 +514,7 @@ def _evaluate_checkpoints(args, evaluate_one, command) -> int:
 
 
 def _compare(args, command) -> int | None:
-    from olmoe_gatepro.evaluation.compare import compare
+    from olmoe_gatepro.evaluation.compare import compare, parse_seed_sd
     from olmoe_gatepro.evaluation.learning_curves import load_run_curves, write_learning_curves
 
     if not (args.results or args.group or args.curves):
@@ -524,7 +530,8 @@ def _compare(args, command) -> int | None:
             command.error(f"--curves {item}: {error}")
     try:
         if args.results or args.group:
-            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite)
+            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite,
+                    paired_seeds=args.paired_seeds, seed_sd=parse_seed_sd(args.seed_sd))
         if curves:
             print("wrote " + ", ".join(write_learning_curves(curves, args.out)))
     except ValueError as error:
