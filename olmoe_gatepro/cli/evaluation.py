@@ -41,6 +41,12 @@ def register(command) -> None:
     compare.add_argument("--out", default="runs/compare", help="folder for table.md, table.csv and plots")
     compare.add_argument("--suite", choices=sorted(RESULT_FILES), default="lm-eval",
                          help="which result file a run folder gives")
+    compare.add_argument("--paired-seeds", action="store_true",
+                         help="the i-th run of every --group shares initial weights and data order with the i-th "
+                              "run of the baseline (paired t test on per-seed deltas; default: Welch)")
+    compare.add_argument("--seed-sd", action="append", default=[], metavar="COLUMN=POINTS",
+                         help="one model's seed standard deviation of a column (e.g. a published one), for the seeds "
+                              "a method-level claim needs where no seeds were measured (repeat)")
     compare.add_argument("--curves", action="append", default=[], metavar="LABEL=FOLDER",
                          help="learning curves of a run (repeat; the same axes for all): an OLMo-core save folder "
                               "(its metrics file) or an eval --each-checkpoint folder")
@@ -175,7 +181,7 @@ def _compare_groups(results: list[str], groups: list[str]) -> dict[str, list[str
 
 
 def compare_command(args, overrides, command) -> int:
-    from olmoe_gatepro.evaluation.compare import compare
+    from olmoe_gatepro.evaluation.compare import compare, parse_seed_sd
     from olmoe_gatepro.evaluation.learning_curves import (
         load_run_curves,
         write_learning_curves,
@@ -194,7 +200,8 @@ def compare_command(args, overrides, command) -> int:
             command.error(f"--curves {item}: {error}")
     try:
         if args.results or args.group:
-            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite)
+            compare(_compare_groups(args.results, args.group) or args.results, args.out, suite=args.suite,
+                    paired_seeds=args.paired_seeds, seed_sd=parse_seed_sd(args.seed_sd))
         if curves:
             print("wrote " + ", ".join(write_learning_curves(curves, args.out)))
     except ValueError as error:

@@ -129,9 +129,9 @@ def plot_diversity_curves(runs: list[dict], path: str) -> None:
 def plot_deltas(comparison: dict, path: str) -> None:
     """A forest plot of ``compare``'s result: per column, each row's delta with its 95% interval.
 
-    The zero line is marked; an effect (``significant``) is drawn filled, the rest hollow. For
-    groups of seeds a grey band around zero spans 1.96 times the seed spread of the difference:
-    the run-to-run noise an effect must clear.
+    The zero line is marked; a significant difference (``significant``, after the Holm
+    adjustment) is drawn filled, the rest hollow; a circle is a method-level (seed) interval, a
+    square a checkpoint-level (item) one. The paper's Table 2 delta is a red tick.
     """
     from olmoe_gatepro.evaluation.results import TASK_TITLES
 
@@ -142,20 +142,18 @@ def plot_deltas(comparison: dict, path: str) -> None:
     for axis, column in zip(axes[0], columns):
         for y, row in zip(positions, rows):
             entry = row["columns"][column]
-            low, high = entry["ci95_low"], entry["ci95_high"]
-            if entry.get("seed_spread") is not None:
-                noise = 1.96 * entry["seed_spread"]
-                axis.fill_betweenx([y - 0.3, y + 0.3], -noise, noise, color="0.85", linewidth=0)
-            axis.plot([low, high], [y, y], color="tab:blue", linewidth=2)
-            axis.plot([entry["delta"]], [y], marker="o", color="tab:blue",
+            axis.plot([entry["ci95_low"], entry["ci95_high"]], [y, y], color="tab:blue", linewidth=2)
+            axis.plot([entry["delta"]], [y], marker="o" if entry["level"] == "method" else "s", color="tab:blue",
                       markerfacecolor="tab:blue" if entry["significant"] else "white")
+            if entry.get("paper_delta") is not None:
+                axis.plot([entry["paper_delta"]], [y], marker="|", markersize=14, color="tab:red")
         axis.axvline(0.0, color="black", linewidth=0.8)
         axis.set_title(TASK_TITLES[column])
         axis.set_xlabel("Δ points")
     axes[0][0].set_yticks(positions, [row["label"] for row in rows])
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
-    figure.suptitle(f"Difference to {comparison['baseline']} with 95% interval (filled: an effect; "
-                    "grey: seed noise, 1.96 x seed spread)")
+    figure.suptitle(f"Difference to {comparison['baseline']} with 95% interval (filled: significant after Holm; "
+                    "circle: seeds as the unit, square: these checkpoints' items; red: the paper's delta)")
     _save(figure, path)
 
 

@@ -18,6 +18,7 @@ same data and limit, so two checkpoints can be compared item by item.
 import json
 import math
 import os
+from typing import NamedTuple
 
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.provenance import git_revision, package_versions
@@ -26,6 +27,7 @@ __all__ = [
     "SCHEMA",
     "TASKS",
     "TASK_TITLES",
+    "Outcome",
     "RESULT_FILE",
     "IN_LOOP_RESULT_FILE",
     "RESULT_FILES",
@@ -40,11 +42,21 @@ __all__ = [
 SCHEMA = "olmoe-gatepro/eval-result/v1"
 TASKS = ("mmlu", "hellaswag", "arc_challenge", "piqa", "copa")  # the paper's column order
 TASK_TITLES = {"mmlu": "MMLU", "hellaswag": "HellaSwag", "arc_challenge": "ARC-Challenge", "piqa": "PIQA",
-               "copa": "COPA", "avg": "average"}
+               "copa": "COPA", "avg": "average",
+               "pooled": "all items (primary)"}  # compare's columns: the tasks, their average, all items pooled
 RESULT_FILE = "eval_results.json"  # the lm-eval suites'; other suites' files carry their name
 IN_LOOP_RESULT_FILE = "eval_results.olmo-in-loop.json"
 RESULT_FILES = {"lm-eval": RESULT_FILE, "olmo-in-loop": IN_LOOP_RESULT_FILE}
 SAMPLE_FILES = {"lm-eval": "samples.lm-eval.jsonl", "olmo-in-loop": "samples.olmo-in-loop.jsonl"}
+
+
+class Outcome(NamedTuple):
+    """One evaluated item: its independent unit (``cluster``), whether the model got it right,
+    and (None in files written before 0.3) the margin of the correct choice over the best wrong one."""
+
+    cluster: str
+    correct: bool
+    margin: float | None = None
 
 
 def result_record(*, label: str, model: str, revision: str | None, suite: str, limit: int | None, gatepro,
@@ -125,8 +137,8 @@ def samples_path(result: dict) -> str:
     return os.path.join(os.path.dirname(result["_source"]), SAMPLE_FILES[_suite_key(result["suite"])])
 
 
-def load_samples(result: dict) -> dict[str, dict[str, tuple[str, bool]]] | None:
-    """{task: {item: (cluster, correct)}} of a loaded result; None when it has no per-item file.
+def load_samples(result: dict) -> dict[str, dict[str, Outcome]] | None:
+    """{task: {item: Outcome}} of a loaded result; None when it has no per-item file.
 
     A per-item file that does not match the result (other tasks, or scores that differ from the
     result's) is an error naming both files.
@@ -134,7 +146,7 @@ def load_samples(result: dict) -> dict[str, dict[str, tuple[str, bool]]] | None:
     path = samples_path(result)
     if not os.path.exists(path):
         return None
-    items: dict[str, dict[str, tuple[str, bool]]] = {}
+    items: dict[str, dict[str, Outcome]] = {}
     with open(path) as file:
         for number, line in enumerate(file, start=1):
             try:
@@ -147,11 +159,22 @@ def load_samples(result: dict) -> dict[str, dict[str, tuple[str, bool]]] | None:
                 raise ValueError(f"{path}, line {number}: correct must be true or false; got {correct!r}")
             if item in items.setdefault(task, {}):
                 raise ValueError(f"{path}, line {number}: item {item!r} of {task} appears twice")
-            items[task][item] = (cluster, correct)
+            items[task][item] = Outcome(cluster, correct, _margin(record.get("margin"), path, number))
+    return _checked(items, result, path)
+
+
+def _margin(value, path: str, number: int) -> float | None:
+    if value is not None and not _is_number(value):
+        raise ValueError(f"{path}, line {number}: margin must be a finite number or absent; got {value!r}")
+    return value
+
+
+def _checked(items: dict[str, dict[str, Outcome]], result: dict, path: str) -> dict[str, dict[str, Outcome]]:
+    """``items`` after checking that they are the items of ``result`` (same tasks, same scores)."""
     if set(items) != set(result["tasks"]):
         raise ValueError(f"{path} holds tasks {sorted(items)} but {result['_source']} has {sorted(result['tasks'])}")
     for task, outcomes in items.items():
-        score = sum(correct for _, correct in outcomes.values()) / len(outcomes)
+        score = sum(outcome.correct for outcome in outcomes.values()) / len(outcomes)
         if abs(score - result["tasks"][task]["score"]) > 1e-6:
             raise ValueError(
                 f"{path}: {task} items score {score:.6f} but {result['_source']} says "

@@ -191,7 +191,7 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     report = os.path.join(out_dir, "report")
     routing = _inspect_stage(preset, runs, out_dir, os.path.join(report, ROUTING_FOLDER))
     compare({arm: [os.path.join(out_dir, f"{arm}-seed{seed}") for seed in preset.seeds] for arm, _ in preset.arms},
-            report)
+            report, paired_seeds=True)  # every arm trains each seed from the same weights and batch order
     table = os.path.join(report, "table.md")
     with open(table) as file:
         text = file.read()

@@ -51,7 +51,7 @@ def test_reproduce_end_to_end_is_deterministic(first_run, tmp_path, capsys):
     comparison = json.loads((report / "comparison.json").read_text())
     assert [row["label"] for row in comparison["rows"]] == ["baseline", "gatepro"]
     assert all(row["paired"] and len(row["runs"]) == 2 for row in comparison["rows"])
-    assert comparison["rows"][1]["columns"]["avg"]["seed_spread"] is not None
+    assert comparison["paired_seeds"] and comparison["rows"][1]["columns"]["avg"]["method_test"]["seeds"] == [2, 2]
     _run(tmp_path / "b")
     assert f"report: {tmp_path / 'b' / 'report'}" in capsys.readouterr().out
     for name in ("table.md", "table.csv", "comparison.json", "deltas.png", "routing/routing.csv",

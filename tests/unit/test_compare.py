@@ -2,9 +2,12 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from olmoe_gatepro.cli import main
+from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.results import SCHEMA, load_result
 
@@ -50,23 +53,37 @@ def _quiet(_):
     pass
 
 
-def test_copa_mcnemar_and_ci_in_comparison_json(tmp_path):
+def test_one_run_each_is_a_checkpoint_comparison_holm_adjusted(tmp_path):
     base = _write(tmp_path / "base", "baseline", _outcomes(BASE))
     # COPA: the model wins 9 items the baseline lost and loses 1 it won: exact McNemar p = 22/1024
     other = _write(tmp_path / "gp", "gatepro", _with({"copa": ([1, 3, 5, 7, 9, 11, 13, 15, 17], [0])}))
     comparison = compare([base, other], str(tmp_path / "out"), echo=_quiet)
-    copa = comparison["rows"][1]["columns"]["copa"]
+    columns = comparison["rows"][1]["columns"]
+    copa = columns["copa"]
     assert copa["delta"] == pytest.approx(8.0) and copa["p_value"] == pytest.approx(22 / 1024)
-    assert copa["ci95_low"] < 8.0 < copa["ci95_high"] and copa["n"] == 100 and copa["significant"]
-    assert comparison["rows"][1]["columns"]["mmlu"]["p_value"] == 1.0
+    assert copa["level"] == "checkpoints" and copa["test"] == "exact McNemar" and copa["seeds_per_arm"] == [1, 1]
+    # Holm over the five task columns: the other four have p = 1, so COPA's p is multiplied by 5
+    assert copa["p_adjusted"] == pytest.approx(5 * 22 / 1024) and not copa["significant"]
+    assert columns["mmlu"]["p_value"] == 1.0 and columns["mmlu"]["p_adjusted"] == 1.0
+    # the primary endpoint, all 600 items pooled, is tested alone: the same 9 against 1
+    pooled = columns["pooled"]
+    assert pooled["delta"] == pytest.approx(100 * 8 / 600) and pooled["p_value"] == pytest.approx(22 / 1024)
+    assert pooled["significant"] and pooled["role"] == "primary" and pooled["n"] == 600
+    assert columns["avg"]["role"] == "descriptive" and not columns["avg"]["significant"]
+    assert columns["hellaswag"]["paper_delta"] == pytest.approx(0.4)
     written = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert {"delta", "ci95_low", "ci95_high", "p_value", "n"} <= set(written["rows"][1]["columns"]["copa"])
-    assert written["method"]["ci95"].startswith("percentile interval of a paired bootstrap over items, 10000")
+    keys = {"delta", "ci95_low", "ci95_high", "p_value", "p_adjusted", "significant", "test", "level", "seeds_per_arm",
+            "n", "detectable_difference", "paper_delta", "seeds_needed"}
+    assert keys <= set(written["rows"][1]["columns"]["copa"])
+    assert written["columns"] == ["mmlu", "hellaswag", "arc_challenge", "piqa", "copa", "avg", "pooled"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.index("## Verdict") < table.index("| model |")
-    assert "**gatepro** vs baseline: better on COPA by 8.00 points (95% CI" in table
-    assert "| model | MMLU | HellaSwag | ARC-Challenge | PIQA | COPA | average |" in table  # the paper's order
-    assert "(Δ +8.00* [" in table and "* marks an effect: p < 0.05" in table
+    assert "**gatepro** vs baseline: one run each; no claim about the method can be made (a method-level test" in table
+    assert "Primary endpoint (all 600 items pooled): better by 1.33 points" in table and "these checkpoints differ" in table
+    assert "cannot test the paper's +0.7 on MMLU (detectable here: ≥ " in table
+    assert "Seeds a method-level claim would need: unknown, no seed spread was measured" in table
+    assert "| model | MMLU | HellaSwag | ARC-Challenge | PIQA | COPA | average | all items (primary) |" in table
+    assert "(Δ +8.00 [" in table and "(Δ +1.33† [" in table and "Holm-adjusted per row" in table
     assert (tmp_path / "out" / "deltas.png").stat().st_size > 10_000
 
 
@@ -80,8 +97,13 @@ def test_a_result_against_itself_is_no_difference(tmp_path):
     for column in comparison["columns"]:
         entry = comparison["rows"][1]["columns"][column]
         assert entry["delta"] == 0 and entry["p_value"] == 1.0 and not entry["significant"]
-    assert "**same** vs baseline: no difference detectable at this sample size on MMLU" in (
-        tmp_path / "out" / "table.md").read_text()
+        assert entry["detectable_difference"] > 0  # agreeing on every item does not make every difference detectable
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Primary endpoint (all 600 items pooled): no difference detected" in table
+    assert "Per task: no difference detected on MMLU, HellaSwag" in table
+    # no discordant item at all: the interval of the pooled delta is the floor's (one discordant item in 600,
+    # +-0.33 points), which holds 0 and lies below the paper's implied +0.74; COPA's (+-1.96) holds +0.7
+    assert "The 95% interval lies below the paper's (implied) +0.74 on all items (primary): these checkpoints" in table
 
 
 def test_the_same_file_twice_is_refused_and_equal_labels_are_renamed(tmp_path, capsys):
@@ -97,35 +119,71 @@ def test_the_same_file_twice_is_refused_and_equal_labels_are_renamed(tmp_path, c
     assert any("shown as 'baseline (2)'" in note for note in notes)
 
 
-def test_groups_of_seeds_report_seed_spread_and_noise(tmp_path):
-    b0 = _write(tmp_path / "b0", "b", _outcomes(BASE))
-    b1 = _write(tmp_path / "b1", "b", _with({"piqa": (range(1, 21, 2), [])}))  # another seed: +10 on PIQA
-    g0 = _write(tmp_path / "g0", "g", _with({"piqa": (range(1, 41, 2), [])}))  # +20
-    g1 = _write(tmp_path / "g1", "g", _with({"piqa": (range(1, 61, 2), [])}))  # +30
-    assert main(["compare", "--group", f"baseline={b0},{b1}", "--group", f"gatepro={g0},{g1}",
+def _seeds(tmp_path, name, piqa_wins):
+    """One run folder per seed: BASE with ``piqa_wins[i]`` more PIQA items right in seed i."""
+    return [_write(tmp_path / f"{name}{i}", name, _with({"piqa": (range(1, 1 + 2 * wins, 2), [])}))
+            for i, wins in enumerate(piqa_wins)]
+
+
+def test_two_seeds_make_no_claim_about_the_method(tmp_path):
+    b = _seeds(tmp_path, "b", [0, 5])
+    g = _seeds(tmp_path, "g", [20, 30])
+    assert main(["compare", "--group", f"baseline={','.join(b)}", "--group", f"gatepro={','.join(g)}",
                  "--out", str(tmp_path / "out")]) == 0
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
     base, gatepro = comparison["rows"]
-    assert base["label"] == "baseline" and len(gatepro["runs"]) == 2
-    assert base["columns"]["piqa"]["score"] == pytest.approx(55.0)
-    assert base["columns"]["piqa"]["seed_sd"] == pytest.approx(7.0710678)  # stdev(50, 60)
+    assert base["columns"]["piqa"]["score"] == pytest.approx(52.5)
+    assert base["columns"]["piqa"]["seed_sd"] == pytest.approx(3.5355339)  # stdev(50, 55)
     piqa = gatepro["columns"]["piqa"]
-    assert piqa["delta"] == pytest.approx(20.0) and piqa["seed_spread"] == pytest.approx(50 ** 0.5)  # sqrt(50/2 + 50/2)
-    assert piqa["p_value"] < 0.05 and piqa["significant"]  # 20 > 1.96 x 7.07
-    assert gatepro["columns"]["copa"]["seed_spread"] == 0.0
+    assert piqa["delta"] == pytest.approx(22.5) and piqa["level"] == "checkpoints" and piqa["seeds_per_arm"] == [2, 2]
+    assert piqa["test"] == "paired sign-flip permutation"  # seed-averaged items
+    assert piqa["method_test"]["df"] == pytest.approx(1.0, rel=0.5)  # measured, shown in the JSON only
+    assert piqa["seed_spread_source"] == "measured seed spread" and piqa["seeds_needed"] > 3
+    assert gatepro["columns"]["copa"]["zero_seed_spread"]  # both arms have 50.00 on COPA in both seeds
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "55.00 ± 7.07 sd (2 seeds)" in table and "better on PIQA by 20.00 points" in table
+    assert "52.50 ± 3.54 sd (2 seeds)" in table
+    assert "**gatepro** vs baseline: 2 and 2 seeds, unpaired; no claim about the method can be made, 2 seeds in an arm" in table
+    assert "Seed spread exactly 0 on MMLU, HellaSwag, ARC-Challenge, COPA" in table
+    assert "Seeds per arm a method-level test would need to find the paper's deltas" in table
 
 
-def test_an_item_level_effect_within_seed_noise_is_not_called_an_effect(tmp_path):
-    b0 = _write(tmp_path / "b0", "b", _outcomes(BASE))
-    b1 = _write(tmp_path / "b1", "b", _with({"piqa": (range(1, 61, 2), [])}))  # seeds 30 points apart
-    g0 = _write(tmp_path / "g0", "g", _with({"piqa": (range(1, 41, 2), [])}))
-    g1 = _write(tmp_path / "g1", "g", _with({"piqa": (range(1, 61, 2), [])}))
-    comparison = compare({"baseline": [b0, b1], "gatepro": [g0, g1]}, str(tmp_path / "out"), echo=_quiet)
-    piqa = comparison["rows"][1]["columns"]["piqa"]
-    assert piqa["p_value"] < 0.05 and not piqa["significant"]  # 10 points < 1.96 x sqrt(450/2 + 50/2)
-    assert "within run-to-run noise on PIQA" in (tmp_path / "out" / "table.md").read_text()
+def test_three_paired_seeds_give_a_method_level_verdict(tmp_path):
+    b = _seeds(tmp_path, "b", [0, 5, 2])
+    g = _seeds(tmp_path, "g", [20, 27, 21])  # per-seed PIQA deltas +20, +22, +19 points
+    comparison = compare({"baseline": b, "gatepro": g}, str(tmp_path / "out"), echo=_quiet, paired_seeds=True)
+    columns = comparison["rows"][1]["columns"]
+    piqa = columns["piqa"]
+    deltas = [20.0, 22.0, 19.0]
+    t = np.mean(deltas) / (np.std(deltas, ddof=1) / np.sqrt(3))
+    assert piqa["level"] == "method" and piqa["test"] == "paired t on per-seed deltas"
+    assert piqa["p_value"] == pytest.approx(2 * stats.t.sf(t, 2))
+    # Holm: the other tasks have zero seed spread (p undefined, counted as 1), so PIQA's p is multiplied by 5
+    assert piqa["p_adjusted"] == pytest.approx(min(1.0, 5 * piqa["p_value"])) and piqa["significant"]
+    assert piqa["seeds_needed"] is not None and piqa["seed_spread_source"] == "measured seed spread (paired by seed)"
+    assert columns["mmlu"]["level"] == "checkpoints" and columns["mmlu"]["zero_seed_spread"]
+    assert columns["pooled"]["level"] == "method" and columns["pooled"]["significant"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "**gatepro** vs baseline: 3 and 3 seeds, paired by seed; method-level test" in table
+    assert "better on PIQA by 20.33 points" in table and "(Δ +20.33* [" in table
+    assert "No claim about the method on MMLU, HellaSwag, ARC-Challenge, COPA: the seed spread there is exactly 0" in table
+    assert main(["compare", "--group", f"baseline={','.join(b)}", "--group", f"gatepro={','.join(g)}",
+                 "--paired-seeds", "--seed-sd", "copa=2.5", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "comparison.json").read_text())["rows"][1]["columns"]["piqa"] == piqa
+    unpaired = compare({"baseline": b, "gatepro": g}, str(tmp_path / "out2"), echo=_quiet)
+    assert unpaired["rows"][1]["columns"]["piqa"]["test"] == "Welch t on per-seed scores"
+    with pytest.raises(ValueError, match="same number of runs in every group"):
+        compare({"baseline": b, "gatepro": g[:2]}, str(tmp_path / "out3"), echo=_quiet, paired_seeds=True)
+
+
+def test_a_given_seed_spread_gives_seeds_needed_for_one_run_each(tmp_path):
+    base = _write(tmp_path / "base", "baseline", _outcomes(BASE))
+    other = _write(tmp_path / "gp", "gatepro", _outcomes(BASE))
+    comparison = compare([base, other], str(tmp_path / "out"), echo=_quiet, seed_sd={"hellaswag": 0.5})
+    hellaswag = comparison["rows"][1]["columns"]["hellaswag"]
+    assert hellaswag["seeds_needed"] == paired_stats.seeds_needed(0.4, 0.5, False, alpha=0.05 / 5)
+    assert hellaswag["seed_spread_source"] == "given seed spread (--seed-sd)"
+    with pytest.raises(ValueError, match="--seed-sd: unknown column"):
+        compare([base, other], str(tmp_path / "out"), echo=_quiet, seed_sd={"gsm8k": 0.5})
 
 
 def test_results_without_items_fall_back_to_unpaired_standard_errors(tmp_path):
@@ -135,7 +193,7 @@ def test_results_without_items_fall_back_to_unpaired_standard_errors(tmp_path):
     copa = comparison["rows"][1]["columns"]["copa"]
     assert not comparison["rows"][1]["paired"] and copa["test"] == "unpaired z (no per-item results)"
     assert copa["delta"] == pytest.approx(10.0)
-    assert "Unpaired: per-item results are missing" in (tmp_path / "out" / "table.md").read_text()
+    assert "unpaired: per-item results are missing" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_items_that_do_not_match_their_result_are_refused(tmp_path):
@@ -162,7 +220,7 @@ def test_routing_section_and_plots_from_training_metrics(tmp_path):
     assert "| baseline | off | 0.020% | 0.040% | 0.030% |" in table
     assert "| gatepro | on, lambda 0.1 | 25.000% | 50.000% | 37.500% |" in table
     rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
-    assert len(rows) == 12 and rows[0]["column"] == "mmlu"
+    assert len(rows) == 14 and rows[0]["column"] == "mmlu"
     for name in ("zero_token_count.png", "diversity.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
 
@@ -235,6 +293,9 @@ def test_bad_result_files_are_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--group", "baseline"], "expected LABEL=RUN"),
+    (["a", "b", "--seed-sd", "copa"], "--seed-sd 'copa': expected COLUMN=POINTS"),
+    (["a", "b", "--seed-sd", "copa=-1"], "POINTS a number > 0"),
+    (["a", "b", "--seed-sd", "copa=1", "--seed-sd", "copa=2"], "copa is given twice"),
     (["--group", "a=x", "--group", "a=y"], "given twice"),
     (["runs/a", "--group", "a=x"], "not both"),
 ])
