@@ -237,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--metrics-interval", 10, "log routing metrics every this many steps")):
         resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
     resume.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
-    resume.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPUs)")
+    resume.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast; weights and optimizer state stay float32 (GPUs)")
+    resume.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME",
+                        help="the Trainer's report_to: none (default), all, wandb, tensorboard, ...")
     selftest = command("selftest", help="check that GatePro works on this machine (GPU, else CPU) and what it costs")
     selftest.add_argument("--quick", action="store_true", help="smaller measurements (under 2 minutes on a 2-core CPU)")
     selftest.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
@@ -612,20 +615,22 @@ def _continue(args, command) -> int:
     _check_model(args.model, command)
     _check_out_folder(args.out, command)
     try:
-        gatepro = GateProRunConfig(enabled=not args.baseline, penalty=args.gatepro_penalty or 1e-4)
+        gatepro = GateProRunConfig(enabled=not args.baseline,
+                                   penalty=1e-4 if args.gatepro_penalty is None else args.gatepro_penalty)
     except ValueError as error:
         command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
     fields = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "batch_size", "gradient_accumulation_steps",
-              "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16")
+              "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16", "report_to")
     try:
         spec = ContinuedTraining(model=args.model, data=tuple(args.data), gatepro=gatepro,
-                                 **{name: getattr(args, name) for name in fields})
+                                 **{name: getattr(args, name) for name in fields if name != "report_to"},
+                                 report_to=tuple(args.report_to))
         record = continue_training(spec, args.out)
     except (ValueError, FileExistsError) as error:
         message = str(error)
         name = message.split()[0].rstrip(":")
         if name in (*fields, "data"):  # the field's flag: --train-tokens, --data, ...
-            message = f"--{name.replace('_', '-')}: {message.removeprefix('data: ')}"
+            message = f"--{name.replace('_', '-')}: {message.removeprefix(f'{name}: ')}"
         command.error(message)
     print(f"continued {args.model} for {record['steps']} steps ({record['tokens']} tokens); wrote {args.out}/hf")
     return 0
