@@ -10,7 +10,7 @@ import json
 import os
 
 __all__ = ["read_records", "append_record", "rewrite_records", "repair", "drop_after_step", "write_text_atomically",
-           "keep_settings"]
+           "keep_settings", "read_settings", "differing_settings"]
 
 
 def read_records(path: str) -> list[dict]:
@@ -75,6 +75,28 @@ def _flattened(value, prefix: str = "") -> dict:
     return leaves
 
 
+def differing_settings(recorded: dict, settings: dict) -> list[str]:
+    """``"key: <recorded> there, <new> now"`` for every (dotted) key whose value differs, sorted."""
+    old, new = _flattened(recorded), _flattened(settings)
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "absent"
+
+    return [f"{key}: {shown(old, key)} there, {shown(new, key)} now"
+            for key in sorted(old.keys() | new.keys()) if (key in old, old.get(key)) != (key in new, new.get(key))]
+
+
+def read_settings(path: str, folder_flag: str = "--out") -> dict | None:
+    """The JSON object in ``path`` (None when there is no such file); a ValueError naming it when unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not readable JSON ({error}); remove it, or use another {folder_flag}") from None
+
+
 def keep_settings(path: str, settings: dict, folder_flag: str = "--out", write: bool = True) -> None:
     """Record ``settings`` (JSON-ready) in ``path``, or check that they are the ones recorded there.
 
@@ -83,24 +105,14 @@ def keep_settings(path: str, settings: dict, folder_flag: str = "--out", write: 
     ``write=False`` only checks (call it again with ``write=True`` once the run is about to start).
     """
     settings = json.loads(json.dumps(settings))
-    if not os.path.exists(path):
+    recorded = read_settings(path, folder_flag)
+    if recorded is None:
         if write:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             write_text_atomically(path, json.dumps(settings, indent=2))
         return
-    folder = os.path.dirname(path) or "."
-    try:
-        with open(path) as file:
-            stored = json.load(file)
-    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path} is not readable JSON ({error}); remove it, or use another {folder_flag}") from None
-    old, new = _flattened(stored), _flattened(settings)
-
-    def shown(values: dict, key: str) -> str:
-        return repr(values[key]) if key in values else "absent"
-
-    differing = [f"{key}: {shown(old, key)} there, {shown(new, key)} now"
-                 for key in sorted(old.keys() | new.keys()) if (key in old, old.get(key)) != (key in new, new.get(key))]
+    differing = differing_settings(recorded, settings)
     if differing:
+        folder = os.path.dirname(path) or "."
         raise ValueError(f"{folder_flag} {folder} holds a run with other settings ({path}): {'; '.join(differing)}; "
                          f"rerun with the recorded settings, or use another {folder_flag}")

@@ -19,13 +19,16 @@ def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=single_threaded_env())
 
 
-def interrupt_once(command: list[str], busy, log: Path, timeout: float = 600, grace: float = 120) -> tuple[int, str, float]:
+def interrupt_once(command: list[str], busy, log: Path, timeout: float = 600, grace: float = 120,
+                   env: dict | None = None) -> tuple[int, str, float]:
     """Start ``command``; once ``busy()`` is true send SIGINT; return (exit code, output, seconds to exit).
 
-    Fails if the command ends before it is busy, or is still running ``grace`` seconds after the signal.
+    ``env``: default ``single_threaded_env()``. Fails if the command ends before it is busy, or
+    is still running ``grace`` seconds after the signal.
     """
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=single_threaded_env())
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                   env=single_threaded_env() if env is None else env)
         deadline = time.monotonic() + timeout
         while not busy():
             assert process.poll() is None, f"ended (exit {process.returncode}) before it was busy:\n{log.read_text()[-3000:]}"
