@@ -682,15 +682,23 @@ def _train(config_path: str, overrides: list[str], dry_run: bool, command) -> in
         run = load_run_config(config_path, overrides)
     except ConfigError as error:
         command.error(str(error))
+    from olmoe_gatepro.olmo_core.train import InterruptedRun, check_data_paths, check_rerun, train
+
     if dry_run:
+        try:
+            check_data_paths(run)
+            check_rerun(run)
+        except ConfigError as error:
+            command.error(f"{config_path}: {error}")
         print(json.dumps(dataclasses.asdict(run), indent=2))
         return 0
-    from olmoe_gatepro.olmo_core.train import train
-
     try:
-        train(run)
-    except ConfigError as error:  # found while building: an evaluation task too long, a file missing
+        print(train(run))
+    except ConfigError as error:  # a data path, a rerun's settings, what building found
         command.error(f"{config_path}: {error}")
+    except InterruptedRun as stop:
+        print(f"olmoe-gatepro train: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
