@@ -28,7 +28,10 @@ def register(command) -> None:
                                 ("--metrics-interval", 10, "log routing metrics every this many steps")):
         resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
     resume.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
-    resume.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPUs)")
+    resume.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast; weights and optimizer state stay float32 (GPUs)")
+    resume.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME",
+                        help="the Trainer's report_to: none (default), all, wandb, tensorboard, ...")
 
 
 def continue_command(args, overrides, command) -> int:
@@ -42,18 +45,19 @@ def continue_command(args, overrides, command) -> int:
     check_model(args.model, command)
     check_out_folder(args.out, command)
     try:
-        gatepro = GateProRunConfig(enabled=not args.baseline, penalty=args.gatepro_penalty or 1e-4)
+        gatepro = GateProRunConfig(enabled=not args.baseline,
+                                   penalty=1e-4 if args.gatepro_penalty is None else args.gatepro_penalty)
     except ValueError as error:
         command.error(f"--gatepro-penalty: {str(error).removeprefix('GateProConfig.')}")
     try:
         spec = ContinuedTraining(model=args.model, data=tuple(args.data), gatepro=gatepro,
-                                 **{name: getattr(args, name) for name in FIELDS})
+                                 **{name: getattr(args, name) for name in FIELDS}, report_to=tuple(args.report_to))
         record = continue_training(spec, args.out)
     except (ValueError, FileExistsError) as error:
         message = str(error)
         name = message.split()[0].rstrip(":")
-        if name in (*FIELDS, "data"):  # the field's flag: --train-tokens, --data, ...
-            message = f"--{name.replace('_', '-')}: {message.removeprefix('data: ')}"
+        if name in (*FIELDS, "data", "report_to"):  # the field's flag: --train-tokens, --data, ...
+            message = f"--{name.replace('_', '-')}: {message.removeprefix(f'{name}: ')}"
         command.error(message)
     print(f"continued {args.model} for {record['steps']} steps ({record['tokens']} tokens); wrote {args.out}/hf")
     return 0

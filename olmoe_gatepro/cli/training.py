@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 
 
 def register(command) -> None:
@@ -40,15 +41,23 @@ def train_command(args, overrides, command) -> int:
         run = load_run_config(args.config, overrides)
     except ConfigError as error:
         command.error(str(error))
+    from olmoe_gatepro.olmo_core.train import InterruptedRun, check_data_paths, check_rerun, train
+
     if args.dry_run:
+        try:
+            check_data_paths(run)
+            check_rerun(run)
+        except ConfigError as error:
+            command.error(f"{args.config}: {error}")
         print(json.dumps(dataclasses.asdict(run), indent=2))
         return 0
-    from olmoe_gatepro.olmo_core.train import train
-
     try:
-        train(run)
-    except ConfigError as error:  # found while building: an evaluation task too long, a file missing
+        print(train(run))
+    except ConfigError as error:  # a data path, a rerun's settings, what building found
         command.error(f"{args.config}: {error}")
+    except InterruptedRun as stop:
+        print(f"olmoe-gatepro train: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 def convert_command(args, overrides, command) -> int:

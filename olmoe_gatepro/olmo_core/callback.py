@@ -7,22 +7,26 @@ resumed from a checkpoint is in exactly the state an uninterrupted one would be.
 flip rate, partner co-activation and the fraction of tokens whose top-k boundary margin is below
 lambda (all over the whole global batch of that step) and the gate similarity metrics, via
 ``trainer.record_metric`` (so console, W&B and Comet callbacks get them) and as one JSON line in
-``<save_folder>/gatepro_metrics.jsonl``.
+``<save_folder>/gatepro_metrics.jsonl``. ``InterruptCallback`` tells which signal cancelled a run.
 """
 
+import functools
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
-from olmo_core.train.callbacks import Callback
+from olmo_core.train.callbacks import Callback, EvaluatorCallback
 
 from olmoe_gatepro.core.config import GateProRunConfig
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.olmo_core.patch import patch_olmo_core
 
-__all__ = ["GateProCallback", "MetricsFileCallback", "METRICS_FILE"]
+__all__ = ["GateProCallback", "MetricsFileCallback", "InterruptCallback", "METRICS_FILE"]
 
 
 @dataclass
@@ -94,6 +98,44 @@ class MetricsFileCallback(Callback):
     def log_metrics(self, step: int, metrics: dict) -> None:
         if _is_rank_zero():
             append_record(self._path, {"step": step, **{name: float(value) for name, value in metrics.items()}})
+
+
+@dataclass
+class InterruptCallback(Callback):
+    """Remember the signal (SIGINT, SIGTERM) with which OLMo-core's trainer cancelled the run.
+
+    OLMo-core's own handlers stay in charge: a signal cancels the run, the ranks agree on it at
+    the trainer's next cancel check (the trainer should check every step) and the checkpointer
+    saves the step reached. This callback wraps those handlers to record ``signal_number``; a
+    second SIGINT raises ``KeyboardInterrupt`` at once (no checkpoint); and a cancelled run skips
+    the evaluations meant for the end of training.
+    """
+
+    priority: ClassVar[int] = 2  # post_train before the evaluators'
+    signal_number: int | None = None
+
+    def pre_train(self) -> None:
+        self.signal_number = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            cancel = signal.getsignal(signum)  # the trainer's, installed by fit() before pre_train
+            if callable(cancel):
+                signal.signal(signum, functools.partial(self._received, cancel))
+
+    def _received(self, cancel, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_number == signal.SIGINT:
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+        if self.signal_number is None:
+            self.signal_number = signum
+            if signum == signal.SIGINT and _is_rank_zero():
+                print("interrupted: stopping at the next step with a checkpoint of it (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
+        cancel(signum, frame)
+
+    def post_train(self) -> None:
+        if self.trainer.is_canceled:
+            for callback in self.trainer.callbacks.values():
+                if isinstance(callback, EvaluatorCallback):
+                    callback.eval_on_finish = False
 
 
 def _is_rank_zero() -> bool:

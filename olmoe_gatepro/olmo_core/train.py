@@ -6,17 +6,91 @@ RMSNorm eps 1e-6, no router bias) stays OLMo-core's OLMoE recipe. Note that olmo
 default block is ``moe_reordered_norm`` (norm after attention and MoE, an OLMoE ablation),
 while released OLMoE-1B-7B and transformers' ``OlmoeForCausalLM`` are pre-norm (``moe``); our
 configs use ``moe`` so that a checkpoint has OLMoE's architecture.
+
+Reruns and interrupts: ``train`` into a save folder that holds a run resumes it from its latest
+checkpoint, and refuses (``ConfigError`` naming the keys) a config that differs from the one
+recorded there in anything but ``RESUME_MAY_CHANGE``; a finished run is reported finished and
+not touched. Ctrl-C (SIGINT) or SIGTERM cancels through OLMo-core's graceful path: the trainer
+checks for cancellation every step (``cancel_check_interval=1``; its checks run on the CPU
+bookkeeping group), saves a checkpoint of the step reached and ``train`` raises
+``InterruptedRun``; a rerun continues from that checkpoint.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import signal
 from typing import Any, NamedTuple
 
+from olmoe_gatepro.checkpoints import complete_steps
+from olmoe_gatepro.jsonl import differing_settings, read_settings
 from olmoe_gatepro.olmo_core.run_config import OLMO_CORE_CONFIG_FILE, RUN_CONFIG_FILE, ConfigError, ModelConfig, RunConfig
 
-__all__ = ["build_transformer_config", "build_train_components",
-           "monitoring_callbacks", "evaluation_callbacks", "resolved_config", "train", "TrainComponents"]
+__all__ = ["build_transformer_config", "build_train_components", "monitoring_callbacks", "evaluation_callbacks",
+           "resolved_config", "train", "TrainComponents", "check_data_paths", "check_rerun", "InterruptedRun",
+           "RESUME_MAY_CHANGE"]
+
+# Run-config keys (dotted prefixes) a rerun may change: what is logged, evaluated and saved when, and
+# train.max_tokens (to extend or shorten a run; the schedule of the steps still to come follows the new length).
+RESUME_MAY_CHANGE = ("name", "train.save_folder", "train.max_tokens", "train.checkpoint_interval_steps",
+                     "train.metrics_interval_steps", "data.num_workers", "callbacks", "evaluation")
+OLMO_CORE_CANCEL_CHECK_INTERVAL = 25  # OLMo-core's default; the trackers keep polling their services this often
+
+
+class InterruptedRun(Exception):
+    """Training stopped before the end, with a checkpoint of the step reached; rerun to continue."""
+
+    def __init__(self, save_folder: str, step: int, signal_number: int | None):
+        self.signal_number = signal_number
+        cause = signal.Signals(signal_number).name if signal_number else "the run was cancelled"
+        super().__init__(f"{cause}: stopped at step {step} with a checkpoint in {save_folder}; "
+                         "rerun the same command to continue")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number (130 for Ctrl-C), or 1 for a cancel without a signal."""
+        return 128 + self.signal_number if self.signal_number else 1
+
+
+def check_data_paths(run: RunConfig) -> None:
+    """Refuse a local ``data.paths`` entry that names no file (a glob: that matches none); URLs are not checked."""
+    if not run.data.paths:
+        raise ConfigError("data.paths: no token files given")
+    for pattern in run.data.paths:
+        if "://" in pattern:
+            continue
+        found = glob.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern] * os.path.isfile(pattern)
+        if not found:
+            raise ConfigError(f"data.paths: {pattern!r} matches no file")
+
+
+def _may_change(key: str) -> bool:
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in RESUME_MAY_CHANGE)
+
+
+def check_rerun(run: RunConfig) -> int | None:
+    """The latest complete checkpoint step in ``run``'s local save folder (None: nothing to resume).
+
+    Raises ``ConfigError`` naming every differing key when the folder's recorded run config
+    differs from ``run`` in a key outside ``RESUME_MAY_CHANGE``.
+    """
+    folder = run.train.save_folder
+    if "://" in folder or not os.path.isdir(folder):
+        return None
+    try:
+        recorded = read_settings(os.path.join(folder, RUN_CONFIG_FILE), folder_flag="train.save_folder")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if recorded is not None:
+        differing = [line for line in differing_settings(recorded, json.loads(json.dumps(dataclasses.asdict(run))))
+                     if not _may_change(line.split(":")[0])]
+        if differing:
+            raise ConfigError(f"train.save_folder {folder} holds a run with other settings: {'; '.join(differing)}; "
+                              f"rerun with the recorded ones ({RUN_CONFIG_FILE}; only {', '.join(RESUME_MAY_CHANGE)} "
+                              "may change), or use another train.save_folder")
+    steps = complete_steps(folder)
+    return steps[-1] if steps else None
 
 
 
@@ -67,7 +141,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
     from olmo_core.train.train_module import TransformerTrainModuleConfig
     from olmo_core.train.train_module.transformer.config import TransformerDataParallelConfig
 
-    from olmoe_gatepro.olmo_core.callback import GateProCallback
+    from olmoe_gatepro.olmo_core.callback import GateProCallback, InterruptCallback
 
     train, optim = run.train, run.optim
     work_dir = work_dir or os.path.join(train.save_folder, "work")
@@ -113,8 +187,10 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
             work_dir=work_dir,
             max_duration=Duration.tokens(train.max_tokens),
             metrics_collect_interval=min(10, train.metrics_interval_steps),
+            cancel_check_interval=1,  # Ctrl-C / SIGTERM stop at the next step, not within 25
         )
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
+        .with_callback("interrupt", InterruptCallback())
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
     )
     for name, callback in {**monitoring_callbacks(run), **evaluation_callbacks(run, tokenizer, work_dir)}.items():
@@ -140,10 +216,11 @@ def monitoring_callbacks(run: RunConfig) -> dict:
     if settings.wandb.enabled:
         wandb = settings.wandb
         callbacks["wandb"] = WandBCallback(name=wandb.name or run.name, project=wandb.project, entity=wandb.entity,
-                                           group=wandb.group)
+                                           group=wandb.group, cancel_check_interval=OLMO_CORE_CANCEL_CHECK_INTERVAL)
     if settings.comet.enabled:
         comet = settings.comet
-        callbacks["comet"] = CometCallback(name=comet.name or run.name, project=comet.project, workspace=comet.entity)
+        callbacks["comet"] = CometCallback(name=comet.name or run.name, project=comet.project, workspace=comet.entity,
+                                           cancel_check_interval=OLMO_CORE_CANCEL_CHECK_INTERVAL)
     if settings.gpu_memory and torch.cuda.is_available():
         callbacks["gpu_memory"] = GPUMemoryMonitorCallback()
     if settings.gc_interval is not None:
@@ -210,13 +287,19 @@ def resolved_config(run: RunConfig, parts: TrainComponents) -> dict:
             **{name: getattr(parts, name).as_config_dict() for name in parts._fields}}
 
 
-def train(run: RunConfig) -> None:
-    """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``.
+def train(run: RunConfig) -> str:
+    """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``; a line saying what was done.
 
-    Rank 0 writes the resolved config to ``save_folder/run_config.json`` (what ``convert``
-    reads). Without CUDA it trains on the CPU with gloo and Triton's interpreter (see
-    ``olmo_core_cpu``): slow, meant for tiny configs and tests.
+    Before anything is built: the data paths are checked, a rerun's config against the recorded
+    one (``check_rerun``), and a finished run returns at once. Rank 0 writes the resolved config
+    to ``save_folder/run_config.json`` (what ``convert`` reads). Without CUDA it trains on the CPU
+    with gloo and Triton's interpreter (see ``olmo_core_cpu``): slow, meant for tiny configs and
+    tests. Raises ``InterruptedRun`` when a signal (or a tracker) cancelled the run.
     """
+    check_data_paths(run)
+    latest = check_rerun(run)
+    if latest is not None and latest >= run.train.max_steps:
+        return f"{run.train.save_folder}: finished, step {latest} of {run.train.max_steps}; nothing to train"
     import torch
 
     if not torch.cuda.is_available():
@@ -253,5 +336,8 @@ def train(run: RunConfig) -> None:
                 write_text_atomically(os.path.join(run.train.save_folder, OLMO_CORE_CONFIG_FILE),
                                       json.dumps(resolved, indent=2, default=str))
         trainer.fit()  # loads the latest checkpoint in save_folder first, if there is one
+        if trainer.is_canceled:
+            raise InterruptedRun(run.train.save_folder, trainer.global_step, trainer.callbacks["interrupt"].signal_number)
     finally:
         teardown_training_environment()
+    return f"{run.train.save_folder}: trained to step {run.train.max_steps}"

@@ -11,31 +11,104 @@ MoE layer's zero-token count, load imbalance, flip rate, partner co-activation a
 margins below lambda, adds the gate similarity metrics, and logs them through ``Trainer.log``
 (so ``report_to`` integrations get them) and, on the main process only, as one JSON line in
 ``<output_dir>/gatepro_metrics.jsonl``.
+
+Exact resume: transformers 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj``)
+while ``save_pretrained`` writes them per expert (``mlp.experts.0.gate_proj.weight``, ...), and
+the stock ``Trainer`` loads a checkpoint's weights with a non-strict ``load_state_dict`` that
+cannot match the two: it warns about missing and unexpected keys and trains on with the experts
+it had. The callback makes the trainer it is attached to load a checkpoint's (or the best
+model's) weights through ``from_pretrained``, the library's own conversion of the saved layout,
+and copy them in strictly: a key that is missing, unexpected or of another shape is an error
+naming the checkpoint. Optimizer, scheduler, RNG and data position are the Trainer's own.
 """
 
 import os
 
-from transformers import TrainerCallback
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from olmoe_gatepro.core.config import GateProRunConfig
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.transformers.patch import patch_transformers
 
-__all__ = ["GateProTrainerCallback", "METRICS_FILE"]
+__all__ = ["GateProTrainerCallback", "METRICS_FILE", "load_checkpoint_weights"]
+
+_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, folder: str) -> None:
+    """Copy the weights ``save_pretrained`` wrote into ``folder`` into ``model``, every one or none.
+
+    The folder is read by ``from_pretrained`` (its conversion turns the saved per-expert layout
+    into the fused one ``model`` holds) on the CPU in ``model``'s dtype, then copied in with a
+    strict ``load_state_dict``, so ``model`` keeps its parameters (devices, identities). Raises
+    ``ValueError`` naming ``folder`` and the keys when the checkpoint lacks a weight of ``model``,
+    holds one ``model`` does not have, or holds one of another shape.
+    """
+    try:
+        saved, info = type(model).from_pretrained(folder, dtype=model.dtype, device_map="cpu",
+                                                  output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: experts that do not stack
+        raise ValueError(f"checkpoint {folder} does not hold exactly the weights of the model being trained, "
+                         f"so it cannot be resumed: {error}") from None
+    problems = {name: keys for name, keys in info.items() if keys}
+    if not problems:
+        try:
+            model.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as error:
+            problems = {"load_state_dict": str(error)}
+    if problems:
+        raise ValueError(f"checkpoint {folder} does not hold exactly the weights of the model being trained, "
+                         f"so it cannot be resumed: {problems}")
+
+
+def _saved_by_save_pretrained(folder: str | None) -> bool:
+    return folder is not None and any(os.path.isfile(os.path.join(folder, name)) for name in _WEIGHT_FILES)
+
+
+def _resume_exactly(trainer) -> None:
+    """Make ``trainer`` load checkpoint weights with ``load_checkpoint_weights``.
+
+    Only where the stock Trainer would read ``save_pretrained`` files into a plain model; FSDP,
+    DeepSpeed, SageMaker and adapter checkpoints keep the Trainer's own loading (they store the
+    in-memory layout).
+    """
+    stock_load, stock_load_best = trainer._load_from_checkpoint, trainer._load_best_model
+
+    def plain(model, folder) -> bool:
+        wrapped = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or getattr(model, "peft_config", None)
+        return isinstance(model, PreTrainedModel) and not wrapped and _saved_by_save_pretrained(folder)
+
+    def load_from_checkpoint(resume_from_checkpoint, model=None):
+        target = trainer.model if model is None else model
+        if plain(target, resume_from_checkpoint):
+            load_checkpoint_weights(target, resume_from_checkpoint)
+        else:
+            stock_load(resume_from_checkpoint, model)
+
+    def load_best_model():
+        if plain(trainer.model, trainer.state.best_model_checkpoint):
+            load_checkpoint_weights(trainer.model, trainer.state.best_model_checkpoint)
+        else:
+            stock_load_best()
+
+    trainer._load_from_checkpoint, trainer._load_best_model = load_from_checkpoint, load_best_model
 
 
 class GateProTrainerCallback(TrainerCallback):
     """Apply ``gatepro``'s schedule to a ``Trainer``'s model and log routing metrics.
 
     Use ``GateProTrainerCallback.attach(trainer, gatepro)``: the callback logs through the
-    trainer it is attached to.
+    trainer it is attached to, and makes that trainer resume every weight of a checkpoint (or fail).
     """
 
     def __init__(self, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100):
         if isinstance(metrics_interval, bool) or not isinstance(metrics_interval, int) or metrics_interval < 1:
             raise ValueError(f"metrics_interval must be an int >= 1; got {metrics_interval!r}")
         self.trainer, self.gatepro, self.metrics_interval = trainer, gatepro, metrics_interval
+        _resume_exactly(trainer)
 
     @classmethod
     def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":

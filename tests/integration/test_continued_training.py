@@ -4,6 +4,7 @@ evaluate, compare, inspect (the README's "Continued training" commands)."""
 import json
 
 import pytest
+import torch
 
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
@@ -74,3 +75,98 @@ def test_text_data_and_bad_input(stand_in, tmp_path, capsys, monkeypatch):
     _refused(["continue", "nowhere", "--data", text, "--baseline", *TRAIN, "--out", "x"], capsys,
              "model nowhere: no such folder")
     assert _snapshot(tmp_path) == before
+
+
+LONGER = ["--train-tokens", "1024", "--sequence-length", "32", "--batch-size", "2", "--learning-rate", "1e-3",
+          "--metrics-interval", "1"]  # 16 steps, checkpoints every 4
+
+
+def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(stand_in, tmp_path, capsys):
+    """A real SIGINT mid-run: exit 130 with a checkpoint of the step it stopped at; a rerun with other
+    settings is refused naming them; the same command then resumes every weight (experts included)."""
+    from safetensors.torch import load_file
+
+    from interrupting import CLI, interrupt_once
+
+    from olmoe_gatepro.pipelines.tiny_run import deterministic_cpu
+
+    def command(out, *flags):
+        return [*CLI, "continue", str(stand_in / "base"), "--data", str(stand_in / "tokens/part-00000.npy"),
+                "--gatepro-penalty", "0.05", *LONGER, *flags, "--out", str(out)]
+
+    with deterministic_cpu():  # one thread, as in the interrupted subprocess
+        assert main(command(tmp_path / "whole")[3:]) == 0
+    metrics = tmp_path / "cut" / "gatepro_metrics.jsonl"
+    code, output, seconds = interrupt_once(command(tmp_path / "cut"), lambda: metrics.exists(), tmp_path / "cut.log")
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    stopped = int(output.split("stopped at step ")[1].split()[0])
+    assert 1 <= stopped < 16 and (tmp_path / "cut" / f"checkpoint-{stopped}").is_dir(), output[-3000:]
+    assert not (tmp_path / "cut" / "hf").exists()
+    before = _snapshot(tmp_path / "cut")
+    _refused(command(tmp_path / "cut", "--learning-rate", "2e-3", "--seed", "1")[3:], capsys,
+             "holds a run with other settings", "learning_rate: 0.001 there, 0.002 now", "seed: 0 there, 1 now")
+    assert _snapshot(tmp_path / "cut") == before
+    with deterministic_cpu():
+        assert main(command(tmp_path / "cut")[3:]) == 0
+    expected, got = (load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("whole", "cut"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert read_records(tmp_path / "cut" / "gatepro_metrics.jsonl") == read_records(tmp_path / "whole" / "gatepro_metrics.jsonl")
+
+
+def _moved_share(base: dict, trained: dict) -> float:
+    """The share of all weight elements that training changed."""
+    changed = sum(int((trained[key] != base[key].to(trained[key].dtype)).sum()) for key in base)
+    return changed / sum(tensor.numel() for tensor in base.values())
+
+
+def test_bf16_moves_as_many_weights_as_float32(stand_in, tmp_path):
+    """At the default lr 1e-5, bfloat16 autocast over float32 weights moves what float32 moves
+    (pure bf16 weights: 5% moved against 95%, the bug this guards against)."""
+    from safetensors.torch import load_file
+
+    train = [*TRAIN[:6], "--train-tokens", "512", "--learning-rate", "1e-5"]  # 8 steps
+    for name, flags in (("float32", []), ("bf16", ["--bf16"])):
+        assert main(["continue", str(stand_in / "base"), "--data", str(stand_in / "tokens/part-00000.npy"),
+                     "--gatepro-penalty", "0.05", *train, *flags, "--out", str(tmp_path / name)]) == 0
+    base = load_file(stand_in / "base" / "model.safetensors")
+    trained = {name: load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("float32", "bf16")}
+    assert {tensor.dtype for tensors in trained.values() for tensor in tensors.values()} == {torch.float32}
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(stand_in / "base").state_dict()  # the fused layout, like trained
+    trained = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf").state_dict() for name in trained}
+    shares = {name: _moved_share(base, weights) for name, weights in trained.items()}
+    assert shares["float32"] > 0.5 and abs(shares["bf16"] - shares["float32"]) < 0.01, shares
+    assert any(not torch.equal(trained["bf16"][key], trained["float32"][key]) for key in base)  # autocast is on
+
+
+def test_penalty_zero_is_penalty_zero_and_trains_like_the_baseline(stand_in, tmp_path):
+    """``--gatepro-penalty 0`` is GatePro at lambda 0 (it was 1e-4): the same choice as stock routing,
+    so in float32 the same weights as the baseline arm, bit for bit."""
+    from safetensors.torch import load_file
+
+    for name, flags in (("zero", ["--gatepro-penalty", "0"]), ("baseline", ["--baseline"])):
+        assert main(["continue", str(stand_in / "base"), "--data", str(stand_in / "tokens/part-00000.npy"), *flags,
+                     *TRAIN, "--out", str(tmp_path / name)]) == 0
+    record = json.loads((tmp_path / "zero" / "hf" / "continued_training.json").read_text())
+    assert record["settings"]["gatepro"]["enabled"] is True and record["settings"]["gatepro"]["penalty"] == 0
+    assert all(line["gatepro_active"] for line in read_records(tmp_path / "zero" / "gatepro_metrics.jsonl"))
+    zero, baseline = (load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("zero", "baseline"))
+    assert all(torch.equal(zero[key], baseline[key]) for key in baseline)
+
+
+def test_report_to_is_the_trainers(stand_in, tmp_path, capsys):
+    from transformers.integrations import get_available_reporting_integrations
+
+    base, data = str(stand_in / "base"), str(stand_in / "tokens/part-00000.npy")
+    _refused(["continue", base, "--data", data, "--baseline", *TRAIN, "--report-to", "carrier-pigeon", "--out", "x"],
+             capsys, "--report-to: unknown integration 'carrier-pigeon'", "wandb")
+    _refused(["continue", base, "--data", data, "--baseline", *TRAIN, "--report-to", "none", "wandb", "--out", "x"],
+             capsys, "--report-to: 'none' and 'all' stand alone")
+    installed = get_available_reporting_integrations()
+    missing = next(name for name in ("wandb", "comet_ml", "mlflow", "neptune", "clearml") if name not in installed)
+    _refused(["continue", base, "--data", data, "--baseline", *TRAIN, "--report-to", missing, "--out", "x"],
+             capsys, f"--report-to: {missing} is not installed here")
+    assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ an uninterrupted run ends.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
+from interrupting import interrupt_once
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS_PER_STEP = 2 * 16
@@ -52,8 +54,8 @@ def _train_until_killed(folder: Path, tokens: Path, steps: int, kill_at_step: in
     assert process.wait() != 0
 
 
-def _convert(folder: Path, out: Path) -> dict[str, torch.Tensor]:
-    assert main(["convert", str(folder), "--out", str(out)]) == 0
+def _convert(folder: Path, out: Path, validate: bool = True) -> dict[str, torch.Tensor]:
+    assert main(["convert", str(folder), "--out", str(out), *([] if validate else ["--no-validate"])]) == 0
     return load_file(out / "model.safetensors")
 
 
@@ -65,13 +67,50 @@ def runs(tmp_path_factory):
     assert main(["prepare-data", str(text), "--out", str(root / "tokens")]) == 0
     tokens = root / "tokens"
     _train_until_killed(root / "resumed", tokens, 6, 4, *SCHEDULE)
+    first_step = root / "interrupted" / "gatepro_metrics.jsonl"
+    code, output, seconds = interrupt_once(_command(root / "interrupted", tokens, 6, *SCHEDULE), first_step.exists,
+                                           root / "interrupted.log", env=dict(os.environ))
     logs = {
         "straight": _train(root / "straight", tokens, 6, *SCHEDULE),
         "resumed": _train(root / "resumed", tokens, 6, *SCHEDULE),
+        "interrupted": _train(root / "interrupted", tokens, 6, *SCHEDULE),
         "baseline": _train(root / "baseline", tokens, 6, "--gatepro.enabled=false"),
+        "sigint": (code, output, seconds),
     }
-    weights = {name: _convert(root / name, root / f"hf-{name}") for name in ("straight", "resumed", "baseline")}
+    weights = {name: _convert(root / name, root / f"hf-{name}", validate=name != "interrupted")
+               for name in ("straight", "resumed", "interrupted", "baseline")}
     return root, logs, weights
+
+
+def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_a_rerun_ends_where_an_uninterrupted_run_does(runs):
+    root, logs, weights = runs
+    code, output, seconds = logs["sigint"]
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    step = int(output.split("stopped at step ")[1].split()[0])
+    assert 1 <= step < 6 and f"Loading checkpoint from '{root}/interrupted/step{step}'" in logs["interrupted"]
+    assert "SIGINT: stopped at step" in output and seconds < 60  # not at OLMo-core's 25-step check
+    for key, tensor in weights["straight"].items():
+        torch.testing.assert_close(weights["interrupted"][key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_rerun_of_a_finished_or_other_run_and_missing_data(runs, tmp_path, capsys):
+    from test_bad_inputs import _refused, _snapshot
+
+    root, _, _ = runs
+    tokens = root / "tokens"
+    finished = _command(root / "straight", tokens, 6, *SCHEDULE)[2:]
+    before = _snapshot(root / "straight")
+    assert main(["train", *finished]) == 0
+    assert f"{root / 'straight'}: finished, step 6 of 6; nothing to train" in capsys.readouterr().out
+    line = _refused(["train", *finished, "--optim.lr=1e-3", "--evaluation.interval_steps=3"], capsys,
+                    f"train.save_folder {root / 'straight'} holds a run with other settings: optim.lr: 0.0004 there, "
+                    "0.001 now; rerun")
+    assert "interval_steps:" not in line  # evaluation settings may change on a rerun
+    assert _snapshot(root / "straight") == before
+    nowhere = _command(tmp_path / "run", tmp_path / "nowhere", 6)[2:]
+    for dry_run in ([], ["--dry-run"]):
+        _refused(["train", *nowhere, *dry_run], capsys, f"data.paths: '{tmp_path / 'nowhere'}/*.npy' matches no file")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resumed_gatepro_run_ends_exactly_where_an_uninterrupted_one_does(runs):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from olmoe_gatepro import unpatch
 from olmoe_gatepro.core.config import GateProRunConfig
@@ -56,8 +57,41 @@ def test_resumed_run_follows_the_schedule_of_an_uninterrupted_one(tmp_path):
         (r["step"], r["tokens"], r["gatepro_active"]) for r in whole]
     assert [line["gatepro_active"] for line in whole] == [False] * 4 + [True] * 2
     assert resumed[:3] == whole[:3]  # the lines before the checkpoint are kept as written
-    # Not compared: the weights after resuming. transformers' Trainer itself does not resume this run
-    # bit for bit (step 4's loss differs in the 4th decimal without GatePro too; see the session notes).
+    assert resumed == whole  # and the steps after it, metrics included, bit for bit
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Every tensor, experts included (fused in memory, per expert in the Trainer's checkpoints)."""
+    gatepro = GateProRunConfig(enabled=True, penalty=0.05, on_from_steps=4)
+    whole = train(str(tmp_path / "whole"), gatepro, steps=6).model.state_dict()
+    unpatch()
+    train(str(tmp_path / "cut"), gatepro, steps=6, stop_at=3)
+    unpatch()
+    resumed = train(str(tmp_path / "cut"), gatepro, steps=6, resume=True).model.state_dict()
+    assert resumed.keys() == whole.keys() and any("experts.gate_up_proj" in key for key in whole)
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("damage", ["drop an expert", "add a key", "reshape a key"])
+def test_resuming_a_checkpoint_that_does_not_fit_the_model_fails_loudly(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    gatepro = GateProRunConfig(enabled=True, penalty=0.05)
+    train(str(tmp_path), gatepro, steps=3)
+    unpatch()
+    path = tmp_path / "checkpoint-3" / "model.safetensors"
+    tensors = load_file(path)
+    key = "model.layers.1.mlp.experts.5.up_proj.weight"
+    if damage == "drop an expert":
+        del tensors[key]
+    elif damage == "add a key":
+        tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    else:
+        tensors[key] = tensors[key][:-1]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'checkpoint-3'} does not hold exactly the weights"):
+        train(str(tmp_path), gatepro, steps=6, resume=True)
 
 
 def test_tokens_schedule_needs_token_counting(tmp_path):
