@@ -70,7 +70,7 @@ def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
     from olmoe_gatepro.olmo_core.train import monitoring_callbacks
 
     names = list(parts.trainer.callbacks)
-    assert names[:2] == ["checkpointer", "gatepro"] and names[2:] == list(monitoring_callbacks(run))
+    assert names[:3] == ["checkpointer", "gatepro", "stop_file"] and names[3:] == list(monitoring_callbacks(run))
     assert {"garbage_collector", "config_saver", "metrics_file"} <= set(names)  # the defaults of callbacks:
     assert parts.trainer.callbacks["gatepro"].gatepro == run.gatepro
     dataset = parts.dataset.build()

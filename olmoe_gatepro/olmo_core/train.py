@@ -8,6 +8,7 @@ while released OLMoE-1B-7B and transformers' ``OlmoeForCausalLM`` are pre-norm (
 configs use ``moe`` so that a checkpoint has OLMoE's architecture.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,9 +16,10 @@ from typing import Any, NamedTuple
 
 from olmoe_gatepro.olmo_core.run_config import OLMO_CORE_CONFIG_FILE, RUN_CONFIG_FILE, ConfigError, ModelConfig, RunConfig
 
-__all__ = ["build_transformer_config", "build_train_components",
+__all__ = ["TRAINED_FILE", "build_transformer_config", "build_train_components",
            "monitoring_callbacks", "evaluation_callbacks", "resolved_config", "train", "TrainComponents"]
 
+TRAINED_FILE = "train.done"  # in the save folder: the last training there reached train.max_tokens
 
 
 class TrainComponents(NamedTuple):
@@ -68,6 +70,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
     from olmo_core.train.train_module.transformer.config import TransformerDataParallelConfig
 
     from olmoe_gatepro.olmo_core.callback import GateProCallback
+    from olmoe_gatepro.olmo_core.stop import StopFileCallback
 
     train, optim = run.train, run.optim
     work_dir = work_dir or os.path.join(train.save_folder, "work")
@@ -113,9 +116,11 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
             work_dir=work_dir,
             max_duration=Duration.tokens(train.max_tokens),
             metrics_collect_interval=min(10, train.metrics_interval_steps),
+            cancel_check_interval=train.cancel_check_interval_steps,
         )
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
+        .with_callback("stop_file", StopFileCallback())
     )
     for name, callback in {**monitoring_callbacks(run), **evaluation_callbacks(run, tokenizer, work_dir)}.items():
         trainer = trainer.with_callback(name, callback)
@@ -210,12 +215,15 @@ def resolved_config(run: RunConfig, parts: TrainComponents) -> dict:
             **{name: getattr(parts, name).as_config_dict() for name in parts._fields}}
 
 
-def train(run: RunConfig) -> None:
+def train(run: RunConfig) -> bool:
     """Train ``run`` in this process (one rank of ``torchrun``); resumes from ``save_folder``.
 
-    Rank 0 writes the resolved config to ``save_folder/run_config.json`` (what ``convert``
-    reads). Without CUDA it trains on the CPU with gloo and Triton's interpreter (see
-    ``olmo_core_cpu``): slow, meant for tiny configs and tests.
+    Returns whether training reached its end; it stops earlier, after saving a checkpoint, when
+    asked to (a ``STOP`` file in the save folder, SIGTERM, a W&B cancel tag). Rank 0 removes
+    ``save_folder/train.done`` when it starts and writes it at the end, and writes the resolved
+    config to ``save_folder/run_config.json`` (what ``convert`` reads). Without CUDA it trains on
+    the CPU with gloo and Triton's interpreter (see ``olmo_core_cpu``): slow, meant for tiny
+    configs and tests.
     """
     import torch
 
@@ -238,6 +246,8 @@ def train(run: RunConfig) -> None:
             os.makedirs(run.train.save_folder, exist_ok=True)
             config_path = os.path.join(run.train.save_folder, RUN_CONFIG_FILE)
             write_text_atomically(config_path, json.dumps(dataclasses.asdict(run), indent=2))
+            with contextlib.suppress(FileNotFoundError):  # from an earlier, shorter run
+                os.remove(os.path.join(run.train.save_folder, TRAINED_FILE))
         seed_all(run.train.seed)
         model = parts.model.build(init_device="meta")
         train_module = parts.train_module.build(model)
@@ -253,5 +263,11 @@ def train(run: RunConfig) -> None:
                 write_text_atomically(os.path.join(run.train.save_folder, OLMO_CORE_CONFIG_FILE),
                                       json.dumps(resolved, indent=2, default=str))
         trainer.fit()  # loads the latest checkpoint in save_folder first, if there is one
+        if trainer.is_canceled:
+            return False
+        if get_rank() == 0:
+            record = {"step": trainer.global_step, "tokens": trainer.global_train_tokens_seen}
+            write_text_atomically(os.path.join(run.train.save_folder, TRAINED_FILE), json.dumps(record) + "\n")
+        return True
     finally:
         teardown_training_environment()
