@@ -9,8 +9,39 @@ import difflib
 import os
 import re
 
-__all__ = ["preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
+__all__ = ["cost_flags", "throughput", "dest", "preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
            "check_out_folder", "device", "check_model", "per_model", "count"]
+
+
+def cost_flags(parser: argparse.ArgumentParser) -> None:
+    """The cost estimate's flags: the GPU, the assumed MFU, or a measured throughput."""
+    from olmoe_gatepro.olmo_core.cost import DEFAULT_GPU, DEFAULT_MFU, GPU_PEAK_FLOPS
+
+    group = parser.add_argument_group("cost estimate (FLOPs = 6 x active matmul parameters x tokens + attention)")
+    group.add_argument("--gpu", choices=sorted(GPU_PEAK_FLOPS), default=DEFAULT_GPU,
+                       help=f"the GPU, for its dense bf16 peak (default: {DEFAULT_GPU})")
+    group.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                       help=f"assumed model FLOPs utilisation, a fraction (default: {DEFAULT_MFU})")
+    group.add_argument("--throughput-from", default=None, metavar="SAVE_FOLDER",
+                       help="use the tokens/s per GPU measured by a short run of the same config on these GPUs "
+                            "(its metrics file) instead of --mfu")
+
+
+def throughput(args: argparse.Namespace, command: argparse.ArgumentParser):
+    """``olmo_core.cost.Throughput`` from the cost flags; a bad value names its flag."""
+    from olmoe_gatepro.olmo_core.cost import Throughput
+
+    if args.throughput_from is not None and not os.path.isdir(args.throughput_from):
+        command.error(f"--throughput-from {args.throughput_from}: no such folder")
+    try:
+        return Throughput(gpu=args.gpu, mfu=args.mfu, measured_in=args.throughput_from)
+    except ValueError as error:
+        command.error(f"--{str(error).split()[0]}: {error}")
+
+
+def dest(flag: str) -> str:
+    """The argparse destination of ``--a-flag``: ``a_flag``."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def preset_flag(parser: argparse.ArgumentParser, presets: dict, default: str, what: str) -> None:

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import sys
 
+from olmoe_gatepro.cli.common import cost_flags, dest, throughput
+
 
 def register(command) -> None:
     train = command(
@@ -13,7 +15,10 @@ def register(command) -> None:
     )
     train.add_argument("config", help="a YAML run config, e.g. configs/olmoe-1b-7b/gatepro.yaml "
                                       "(`olmoe-gatepro config list` lists the shipped ones)")
-    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, and (on stderr) what the run costs, and exit")
+    train.add_argument("--gpus", type=int, default=8, help="GPUs of the cost estimate (default: 8)")
+    cost_flags(train)
     convert = command(
         "convert", convert_command, takes_overrides=True,
         help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
@@ -43,13 +48,28 @@ def train_command(args, overrides, command) -> int:
         command.error(str(error))
     from olmoe_gatepro.olmo_core.train import InterruptedRun, check_data_paths, check_rerun, train
 
-    if args.dry_run:
+    cost = throughput(args, command)
+    if not args.dry_run:
+        given = [flag for flag in ("--gpus", "--gpu", "--mfu", "--throughput-from")
+                 if getattr(args, dest(flag)) != command.get_default(dest(flag))]
+        if given:
+            command.error(f"{given[0]}: the cost estimate is printed with --dry-run")
+    else:
+        from olmoe_gatepro.olmo_core.cost import cost_lines
+
+        if args.gpus < 1:
+            command.error(f"--gpus must be >= 1; got {args.gpus}")
         try:
             check_data_paths(run)
             check_rerun(run)
         except ConfigError as error:
             command.error(f"{args.config}: {error}")
+        try:
+            lines = cost_lines([run], args.gpus, cost)
+        except ValueError as error:  # a --throughput-from folder that does not fit
+            command.error(f"--throughput-from: {error}")
         print(json.dumps(dataclasses.asdict(run), indent=2))
+        print("\n".join(f"cost {line}" for line in lines), file=sys.stderr)  # stdout stays JSON
         return 0
     try:
         print(train(run))

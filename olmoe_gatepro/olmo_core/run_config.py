@@ -125,10 +125,11 @@ class TrainConfig:
     save_folder: str = "runs/olmoe-1b-7b"
     checkpoint_interval_steps: int = 5000
     metrics_interval_steps: int = 100
+    cancel_check_interval_steps: int = 1  # how often the ranks agree on a stop request (Ctrl-C, SIGTERM, a STOP file)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "sequence_length", "global_batch_sequences", "micro_batch_sequences",
-                     "checkpoint_interval_steps", "metrics_interval_steps"):
+                     "checkpoint_interval_steps", "metrics_interval_steps", "cancel_check_interval_steps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         _check(self.global_batch_sequences % self.micro_batch_sequences == 0,
                f"global_batch_sequences ({self.global_batch_sequences}) must be a multiple of "

@@ -16,6 +16,7 @@ bookkeeping group), saves a checkpoint of the step reached and ``train`` raises
 ``InterruptedRun``; a rerun continues from that checkpoint.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -27,7 +28,7 @@ from olmoe_gatepro.checkpoints import complete_steps
 from olmoe_gatepro.jsonl import differing_settings, read_settings
 from olmoe_gatepro.olmo_core.run_config import OLMO_CORE_CONFIG_FILE, RUN_CONFIG_FILE, ConfigError, ModelConfig, RunConfig
 
-__all__ = ["build_transformer_config", "build_train_components", "monitoring_callbacks", "evaluation_callbacks",
+__all__ = ["TRAINED_FILE", "build_transformer_config", "build_train_components", "monitoring_callbacks", "evaluation_callbacks",
            "resolved_config", "train", "TrainComponents", "check_data_paths", "check_rerun", "InterruptedRun",
            "RESUME_MAY_CHANGE"]
 
@@ -35,6 +36,7 @@ __all__ = ["build_transformer_config", "build_train_components", "monitoring_cal
 # train.max_tokens (to extend or shorten a run; the schedule of the steps still to come follows the new length).
 RESUME_MAY_CHANGE = ("name", "train.save_folder", "train.max_tokens", "train.checkpoint_interval_steps",
                      "train.metrics_interval_steps", "data.num_workers", "callbacks", "evaluation")
+TRAINED_FILE = "train.done"  # in the save folder: the last training there reached train.max_tokens
 OLMO_CORE_CANCEL_CHECK_INTERVAL = 25  # OLMo-core's default; the trackers keep polling their services this often
 
 
@@ -142,6 +144,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
     from olmo_core.train.train_module.transformer.config import TransformerDataParallelConfig
 
     from olmoe_gatepro.olmo_core.callback import GateProCallback, InterruptCallback
+    from olmoe_gatepro.olmo_core.stop import StopFileCallback
 
     train, optim = run.train, run.optim
     work_dir = work_dir or os.path.join(train.save_folder, "work")
@@ -187,11 +190,12 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
             work_dir=work_dir,
             max_duration=Duration.tokens(train.max_tokens),
             metrics_collect_interval=min(10, train.metrics_interval_steps),
-            cancel_check_interval=1,  # Ctrl-C / SIGTERM stop at the next step, not within 25
+            cancel_check_interval=train.cancel_check_interval_steps,  # default 1: Ctrl-C stops at the next step
         )
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
         .with_callback("interrupt", InterruptCallback())
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
+        .with_callback("stop_file", StopFileCallback())
     )
     for name, callback in {**monitoring_callbacks(run), **evaluation_callbacks(run, tokenizer, work_dir)}.items():
         trainer = trainer.with_callback(name, callback)
@@ -294,7 +298,9 @@ def train(run: RunConfig) -> str:
     one (``check_rerun``), and a finished run returns at once. Rank 0 writes the resolved config
     to ``save_folder/run_config.json`` (what ``convert`` reads). Without CUDA it trains on the CPU
     with gloo and Triton's interpreter (see ``olmo_core_cpu``): slow, meant for tiny configs and
-    tests. Raises ``InterruptedRun`` when a signal (or a tracker) cancelled the run.
+    tests. Raises ``InterruptedRun`` when the run stopped before its end, after saving a checkpoint
+    (a signal, a ``STOP`` file in the save folder, a tracker's cancel). Rank 0 removes
+    ``save_folder/train.done`` when it starts and writes it when the run reaches its end.
     """
     check_data_paths(run)
     latest = check_rerun(run)
@@ -321,6 +327,8 @@ def train(run: RunConfig) -> str:
             os.makedirs(run.train.save_folder, exist_ok=True)
             config_path = os.path.join(run.train.save_folder, RUN_CONFIG_FILE)
             write_text_atomically(config_path, json.dumps(dataclasses.asdict(run), indent=2))
+            with contextlib.suppress(FileNotFoundError):  # from an earlier, shorter run
+                os.remove(os.path.join(run.train.save_folder, TRAINED_FILE))
         seed_all(run.train.seed)
         model = parts.model.build(init_device="meta")
         train_module = parts.train_module.build(model)
@@ -338,6 +346,9 @@ def train(run: RunConfig) -> str:
         trainer.fit()  # loads the latest checkpoint in save_folder first, if there is one
         if trainer.is_canceled:
             raise InterruptedRun(run.train.save_folder, trainer.global_step, trainer.callbacks["interrupt"].signal_number)
+        if get_rank() == 0:
+            record = {"step": trainer.global_step, "tokens": trainer.global_train_tokens_seen}
+            write_text_atomically(os.path.join(run.train.save_folder, TRAINED_FILE), json.dumps(record) + "\n")
     finally:
         teardown_training_environment()
     return f"{run.train.save_folder}: trained to step {run.train.max_steps}"

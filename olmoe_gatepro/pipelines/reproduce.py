@@ -52,16 +52,18 @@ from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import METRICS_FILE
-from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, load_run_config
+from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, RunConfig, load_run_config
+from olmoe_gatepro.olmo_core.train import TRAINED_FILE
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
 from olmoe_gatepro.jsonl import read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
+from olmoe_gatepro.olmo_core.cost import Throughput, cost_lines
+from olmoe_gatepro.pipelines.launch import LAUNCHERS, Cluster, check_trainings, launch
 from olmoe_gatepro.pipelines.presets import PIPELINE_PRESETS, REPRODUCE_PRESETS, ReproducePreset, TinyRunConfig
 from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, corpus_tokens, deterministic_cpu, train_tiny
 
-__all__ = ["Stage", "pipeline_stages", "reproduce",
-           "reproduce_pipeline"]
+__all__ = ["Stage", "pipeline_stages", "reproduce", "reproduce_pipeline", "print_costs", "launch_pipeline"]
 
 
 LOCK_FILE = ".reproduce.lock"
@@ -208,12 +210,17 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    """One command of a pipeline preset; it is skipped once ``done`` exists."""
+    """One command of a pipeline preset; it is skipped once ``done`` exists, which the command writes.
+
+    A training stage also has its resolved ``run`` config and ``launched``, its command after
+    the launcher (``-m olmoe_gatepro.cli train CONFIG OVERRIDES``), for other launchers.
+    """
 
     name: str
     command: list[str]
     done: str
-    marks_done: bool = False  # reproduce writes ``done`` itself when the command succeeds
+    run: RunConfig | None = None
+    launched: tuple[str, ...] = ()
 
 
 def pipeline_stages(
@@ -255,9 +262,9 @@ def pipeline_stages(
             evaluation += ["--limit", str(preset.eval_limit)]
         if run.gatepro.enabled:
             evaluation += ["--gatepro-penalty", repr(run.gatepro.penalty)]
-        train = [*launch, "-m", "olmoe_gatepro.cli", "train", str(path), *train_overrides]
+        launched = ("-m", "olmoe_gatepro.cli", "train", str(path), *train_overrides)
         stages += [
-            Stage(f"train {name}", train, os.path.join(folder, "train.done"), marks_done=True),
+            Stage(f"train {name}", [*launch, *launched], os.path.join(folder, TRAINED_FILE), run, launched),
             Stage(f"convert {name}", [*cli, "convert", folder, "--out", hf, "--dtype", "bfloat16"], hf),
             Stage(f"evaluate {name}", [*evaluation, *(["--online"] if hub_data else [])],
                   os.path.join(folder, RESULT_FILE)),
@@ -283,10 +290,19 @@ def pipeline_stages(
 
 
 def reproduce_pipeline(preset_name: str, out_dir: str, *, launcher: str | None = None,
-                       overrides: tuple[str, ...] = (), shipped_eval_data: bool = False, dry_run: bool = False) -> str:
-    """Run (or continue, or with ``dry_run`` print) the stages of a pipeline preset; return the report folder."""
+                       overrides: tuple[str, ...] = (), shipped_eval_data: bool = False, dry_run: bool = False,
+                       cluster: Cluster = Cluster(), throughput: Throughput = Throughput()) -> str:
+    """Run (or continue, or with ``dry_run`` print) the stages of a pipeline preset; return the report folder.
+
+    ``launcher`` ``slurm`` or ``torchrun-nodes`` renders multi-node scripts for the trainings
+    on ``cluster`` instead (``launch_pipeline``). A dry run also prints what each training costs
+    on ``cluster``'s GPUs at ``throughput``.
+    """
+    if launcher in LAUNCHERS:
+        return launch_pipeline(preset_name, out_dir, launcher, cluster, overrides, shipped_eval_data, dry_run, throughput)
     stages = pipeline_stages(preset_name, out_dir, launcher, overrides, shipped_eval_data)
     if dry_run:
+        print_costs(stages, cluster, throughput)
         _run_stages(stages, dry_run)
     else:
         with run_folder_lock(out_dir):
@@ -295,6 +311,43 @@ def reproduce_pipeline(preset_name: str, out_dir: str, *, launcher: str | None =
     if not dry_run:
         print(f"report: {report}")
     return report
+
+
+def print_costs(stages: list[Stage], cluster: Cluster, throughput: Throughput) -> None:
+    """``# cost`` lines: FLOPs, GPU-hours and wall time of the training stages on ``cluster``'s GPUs."""
+    runs = [stage.run for stage in stages if stage.run is not None]
+    gpus = cluster.nodes * cluster.gpus_per_node
+    if not gpus:
+        print("# cost: trained on CPUs (no GPUs per node), so no GPU estimate")
+        return
+    for line in cost_lines(runs, gpus, throughput):
+        print(f"# cost {line}")
+
+
+def launch_pipeline(preset_name: str, out_dir: str, launcher: str, cluster: Cluster, overrides: tuple[str, ...] = (),
+                    shipped_eval_data: bool = False, dry_run: bool = False, throughput: Throughput = Throughput()) -> str:
+    """A pipeline preset on a cluster: its trainings as ``launcher`` scripts (``pipelines.launch``), the rest after.
+
+    Stages before the first training (preparing local data) run here first. With ``slurm`` the
+    trainings and a finishing job (this pipeline again, with the trainings done) are submitted;
+    with ``torchrun-nodes`` the scripts are written for starting on every node. Paths are made
+    absolute. Returns the report folder.
+    """
+    out_dir = os.path.abspath(out_dir)
+    stages = pipeline_stages(preset_name, out_dir, None, overrides, shipped_eval_data)
+    check_trainings([stage for stage in stages if stage.run is not None], cluster)  # before anything runs
+    first_training = next(index for index, stage in enumerate(stages) if stage.run is not None)
+    finish = [sys.executable, "-m", "olmoe_gatepro.cli", "reproduce", "--preset", preset_name, "--out", out_dir,
+              *(["--shipped-eval-data"] if shipped_eval_data else []), *overrides]
+    print_costs(stages, cluster, throughput)
+    if dry_run:
+        _run_stages(stages[:first_training], dry_run)
+        launch(stages, out_dir, launcher, cluster, finish, dry_run)
+    else:
+        with run_folder_lock(out_dir):
+            _run_stages(stages[:first_training], dry_run)
+            launch(stages, out_dir, launcher, cluster, finish, dry_run)
+    return os.path.join(out_dir, "report")
 
 
 def _run_stages(stages: list[Stage], dry_run: bool) -> None:
@@ -310,5 +363,6 @@ def _run_stages(stages: list[Stage], dry_run: bool) -> None:
         code = subprocess.run(stage.command).returncode
         if code != 0:
             raise RuntimeError(f"stage '{stage.name}' failed with exit code {code}; rerun reproduce to continue")
-        if stage.marks_done:
-            write_text_atomically(stage.done, "")
+        if not os.path.exists(stage.done):  # a training asked to stop ends well, before its end
+            raise RuntimeError(f"stage '{stage.name}' ended without writing {stage.done} (stopped before its end?); "
+                               "rerun reproduce to continue")

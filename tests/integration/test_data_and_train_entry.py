@@ -70,7 +70,7 @@ def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
     from olmoe_gatepro.olmo_core.train import monitoring_callbacks
 
     names = list(parts.trainer.callbacks)
-    assert names[:3] == ["checkpointer", "interrupt", "gatepro"] and names[3:] == list(monitoring_callbacks(run))
+    assert names[:4] == ["checkpointer", "interrupt", "gatepro", "stop_file"] and names[4:] == list(monitoring_callbacks(run))
     assert parts.trainer.cancel_check_interval == 1  # Ctrl-C stops at the next step
     assert {"garbage_collector", "config_saver", "metrics_file"} <= set(names)  # the defaults of callbacks:
     assert parts.trainer.callbacks["gatepro"].gatepro == run.gatepro
