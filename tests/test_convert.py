@@ -176,7 +176,9 @@ def _edited_copy(step_dir, folder, edit):
     return folder
 
 
-def test_top_k_weights_renormalised_to_sum_1_become_norm_topk_prob(saved_reordered, tmp_path):
+def test_top_k_weights_renormalised_to_sum_1_become_norm_topk_prob(saved_reordered, tmp_path, capsys):
+    from olmoe_gatepro import cli
+
     model, step_dir = saved_reordered
     tokenizer = json.loads((step_dir / "config.json").read_text())["dataset"]["tokenizer"]["identifier"]
 
@@ -187,7 +189,9 @@ def test_top_k_weights_renormalised_to_sum_1_become_norm_topk_prob(saved_reorder
     edited = _edited_copy(step_dir, tmp_path / "step5", renormalise)
     with pytest.raises(OSError, match="gone/tokenizer.json.*cannot be loaded.*pass --tokenizer"):
         convert_checkpoint(str(edited), str(tmp_path / "hf"))
-    record = convert_checkpoint(str(edited), str(tmp_path / "hf"), tokenizer=tokenizer)
+    assert cli.main(["convert", str(edited), "--out", str(tmp_path / "hf"), "--tokenizer", tokenizer]) == 0
+    assert f"wrote {tmp_path / 'hf'}: FlexOlmoForCausalLM (step 5 of" in capsys.readouterr().out
+    record = json.loads((tmp_path / f"hf/{PROVENANCE_FILE}").read_text())
     assert record["validation"]["max_abs_logit_difference"] <= 1e-4  # against OLMo-core with p=1 renormalisation
     assert json.loads((tmp_path / "hf/config.json").read_text())["norm_topk_prob"] is True
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
