@@ -372,6 +372,7 @@ def check_token_files(
     vocab_size: int,
     tokens_per_step: int | None = None,
     sequence_length: int | None = None,
+    planned_steps: int | None = None,
     sample_tokens: int = 1 << 20,
 ) -> TokenFilesCheck:
     """Check token files (paths or glob patterns, as a config's ``data.paths``) from their sizes and first tokens.
@@ -380,8 +381,9 @@ def check_token_files(
     a path or pattern that matches no file, a file that is not a whole number of ``dtype`` tokens,
     a ``numpy.save`` file (OLMo-core reads raw arrays: its header would be read as tokens), a
     ``dtype`` too narrow for ``vocab_size``, and ids >= ``vocab_size`` (or uint32 data read as
-    uint16) among each file's first ``sample_tokens`` tokens. Remote paths (``scheme://``) are noted,
-    not read.
+    uint16) among each file's first ``sample_tokens`` tokens, and fewer tokens than one step. A run of
+    ``planned_steps`` steps that needs more than one pass over the files gets a note. Remote paths
+    (``scheme://``) are noted, not read.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -427,4 +429,9 @@ def check_token_files(
         check.problems.append("no token files given")
     if tokens_per_step:
         check.steps = check.usable_tokens // tokens_per_step
+        if check.files and check.steps == 0:
+            check.problems.append(f"{check.usable_tokens:,} usable tokens do not fill one step of {tokens_per_step:,}")
+        elif planned_steps and check.steps and planned_steps > check.steps:
+            check.notes.append(f"the run's {planned_steps:,} steps pass over these files "
+                               f"{planned_steps / check.steps:.2f} times (epochs)")
     return check
