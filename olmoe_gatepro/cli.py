@@ -255,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--eos-token-id", type=int, default=0)
     prepare.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     prepare.add_argument("--tokens-per-file", type=int, default=100_000_000)
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                         help="tokenising processes (default: one per CPU); the files do not depend on it")
+    check = command("check-data", help="check OLMo-core token files: tokens, steps, dtype, missing paths",
+                    description="The files of --config's data.paths (overrides: --section.key=value), or PATHS.")
+    check.add_argument("paths", nargs="*", help="token files or glob patterns (default: --config's data.paths)")
+    check.add_argument("--config", default=None, help="a run config: its paths, dtype, vocabulary and batch")
+    check.add_argument("--dtype", choices=("uint16", "uint32"), default=None, help="default: the config's, else uint16")
+    check.add_argument("--vocab-size", type=int, default=None, help="default: the config's model.vocab_size")
+    check.add_argument("--tokens-per-step", type=int, default=None, help="default: the config's batch")
+    check.add_argument("--sequence-length", type=int, default=None, help="default: the config's")
     return parser
 
 
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     command = args.command_parser
-    _check_unknown(unknown, command, takes_overrides=args.command in ("train", "convert", "reproduce"))
+    _check_unknown(unknown, command, takes_overrides=args.command in ("train", "convert", "reproduce", "check-data"))
     from olmoe_gatepro.env_activation import config_from_env
 
     try:
@@ -326,17 +336,44 @@ def _run(args, overrides: list[str], command) -> int | None:
     elif args.command == "prepare-data":
         from olmoe_gatepro.data import write_token_files
 
-        for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0)):
+        for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0),
+                                 ("--workers", args.workers, 1)):
             if value < low:
                 command.error(f"{flag} must be >= {low}; got {value}")
         try:
             paths = write_token_files(
-                args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file
+                args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file,
+                workers=args.workers, progress=True,
             )
         except (ValueError, OSError) as error:
             command.error(str(error))
-        print(f"wrote {len(paths)} token file(s) to {args.out}")
+        print(f"wrote {len(paths)} token file(s) to {args.out} (manifest.json lists their tokens and checksums)")
+    elif args.command == "check-data":
+        return _check_data(args, overrides, command)
     return 0
+
+
+def _check_data(args, overrides: list[str], command) -> int:
+    from olmoe_gatepro.data import check_token_files
+
+    if overrides and args.config is None:
+        command.error(f"overrides {overrides} need --config")
+    if args.config is None and (not args.paths or args.vocab_size is None):
+        command.error("give PATHS and --vocab-size, or --config")
+    try:
+        run = None if args.config is None else load_run_config(args.config, overrides)
+    except ConfigError as error:
+        command.error(str(error))
+    check = check_token_files(
+        args.paths or list(run.data.paths),
+        args.dtype or (run.data.token_dtype if run else "uint16"),
+        args.vocab_size or run.model.vocab_size,
+        args.tokens_per_step or (run.train.tokens_per_step if run else None),
+        args.sequence_length or (run.train.sequence_length if run else None),
+        planned_steps=run.train.max_steps if run else None,
+    )
+    print(check.summary())
+    return 2 if check.problems else 0
 
 
 def _check_out_folder(path: str, command) -> None:

@@ -156,6 +156,11 @@ def test_check_token_files_on_good_files(tmp_path):
     assert check.usable_tokens == usable < len(expected) and check.steps == usable // 64
     assert f"{len(paths)} token file(s), {len(expected):,} tokens ({usable:,} in whole sequences), {usable // 64:,}" \
         in check.summary()
+    repeated = check_token_files(paths, "uint16", vocab_size=256, tokens_per_step=64, sequence_length=32,
+                                 planned_steps=3 * check.steps)
+    assert repeated.problems == [] and repeated.notes == [f"the run's {3 * check.steps:,} steps pass over these files 3.00 times (epochs)"]
+    assert check_token_files(paths[:1], "uint16", 256, tokens_per_step=10**6).problems[0].endswith(
+        "usable tokens do not fill one step of 1,000,000")
     wide = check_token_files(paths[:1], "uint32", vocab_size=256)
     assert wide.problems  # 2-byte ids read 4 at a time make ids far beyond 256
     assert check_token_files(["gs://bucket/*.npy"], "uint16", 256).notes == ["gs://bucket/*.npy: remote, not checked"]
@@ -186,6 +191,26 @@ def test_check_token_files_names_every_broken_file(tmp_path):
     assert check_token_files([str(good)], "uint16", vocab_size=100_278).problems[0].startswith(
         "dtype uint16 holds ids up to 65535, the vocabulary needs up to 100277: use uint32")
     assert "fits uint16" in check_token_files([str(tmp_path / "wide.npy")], "uint32", vocab_size=256).notes[0]
+
+
+def test_prepare_and_check_data_commands(tmp_path, capsys):
+    inputs, expected = _many_inputs(tmp_path)
+    assert main(["prepare-data", *inputs, "--out", str(tmp_path / "tokens"), "--tokens-per-file", "300",
+                 "--workers", "2"]) == 0
+    assert "(manifest.json lists their tokens and checksums)" in capsys.readouterr().out
+    config = ["--config", str(ROOT / "configs/tiny-test.yaml"), f"--data.paths=[{tmp_path}/tokens/*.npy]",
+              "--train.global_batch_sequences=2", "--train.micro_batch_sequences=2"]
+    assert main(["check-data", *config]) == 0
+    manifest = json.loads((tmp_path / "tokens/manifest.json").read_text())
+    usable = sum(shard["tokens"] // 64 * 64 for shard in manifest["shards"])
+    out = capsys.readouterr().out
+    assert f"{len(manifest['shards'])} token file(s), {len(expected):,} tokens ({usable:,} in whole sequences), " \
+           f"{usable // 128:,} optimizer steps" in out and "epochs" in out  # tiny-test trains more steps than that
+    assert main(["check-data", *config, f"--data.paths=[{tmp_path}/tokens/*.npy,{tmp_path}/gone.npy]"]) == 2
+    assert f"problem: {tmp_path}/gone.npy: no such file" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["check-data", str(tmp_path / "tokens/part-00000.npy")])
+    assert stopped.value.code == 2 and "give PATHS and --vocab-size, or --config" in capsys.readouterr().err
 
 
 def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
