@@ -373,6 +373,7 @@ def check_token_files(
     tokens_per_step: int | None = None,
     sequence_length: int | None = None,
     planned_steps: int | None = None,
+    eos_token_id: int | None = None,
     sample_tokens: int = 1 << 20,
 ) -> TokenFilesCheck:
     """Check token files (paths or glob patterns, as a config's ``data.paths``) from their sizes and first tokens.
@@ -382,8 +383,9 @@ def check_token_files(
     a ``numpy.save`` file (OLMo-core reads raw arrays: its header would be read as tokens), a
     ``dtype`` too narrow for ``vocab_size``, and ids >= ``vocab_size`` (or uint32 data read as
     uint16) among each file's first ``sample_tokens`` tokens, and fewer tokens than one step. A run of
-    ``planned_steps`` steps that needs more than one pass over the files gets a note. Remote paths
-    (``scheme://``) are noted, not read.
+    ``planned_steps`` steps that needs more than one pass over the files gets a note, and so does a
+    file whose first tokens hold no ``eos_token_id`` (documents end with it: another EOS id?).
+    Remote paths (``scheme://``) are noted, not read.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -425,6 +427,9 @@ def check_token_files(
         elif dtype == "uint16" and _looks_like_wider_ids(sample):
             check.problems.append(f"{path}: every second uint16 is 0, as when uint32 ids are read as uint16: "
                                   "is the dtype uint32?")
+        elif eos_token_id is not None and sample.size and not (sample == eos_token_id).any():
+            check.notes.append(f"{path}: no EOS id {eos_token_id} in its first {sample.size:,} tokens "
+                               "(documents end with one: were the files made with another EOS id?)")
     if not paths:
         check.problems.append("no token files given")
     if tokens_per_step:

@@ -191,6 +191,9 @@ def test_check_token_files_names_every_broken_file(tmp_path):
     assert check_token_files([str(good)], "uint16", vocab_size=100_278).problems[0].startswith(
         "dtype uint16 holds ids up to 65535, the vocabulary needs up to 100277: use uint32")
     assert "fits uint16" in check_token_files([str(tmp_path / "wide.npy")], "uint32", vocab_size=256).notes[0]
+    assert check_token_files([str(good)], "uint16", vocab_size=256, eos_token_id=7).notes == []
+    assert check_token_files([str(good)], "uint16", vocab_size=256, eos_token_id=0).notes == [
+        f"{good}: no EOS id 0 in its first 198 tokens (documents end with one: were the files made with another EOS id?)"]
 
 
 def test_prepare_and_check_data_commands(tmp_path, capsys):
