@@ -371,6 +371,7 @@ def _check_data(args, overrides: list[str], command) -> int:
         args.tokens_per_step or (run.train.tokens_per_step if run else None),
         args.sequence_length or (run.train.sequence_length if run else None),
         planned_steps=run.train.max_steps if run else None,
+        eos_token_id=run.data.eos_token_id if run else None,
     )
     print(check.summary())
     return 2 if check.problems else 0
