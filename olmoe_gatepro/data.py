@@ -297,8 +297,9 @@ def write_token_files(
 
     units = manifest["units"]
     todo = [unit for unit in range(len(units)) if unit >= len(manifest["done"])]
+    workers = min(workers, len(todo))  # no idle processes (one unit: none at all)
     bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for unit in manifest["done"] for i in units[unit["unit"]]),
-               unit="B", unit_scale=True, desc=f"prepare-data ({workers} worker{'s' * (workers > 1)})", disable=not progress)
+               unit="B", unit_scale=True, desc=f"prepare-data ({workers} process{'es' * (workers > 1)})", disable=not progress)
 
     def finish(unit: int, shards: list[dict]) -> None:
         """Name ``unit``'s shards (last first, so part-00000 appears once its unit is whole) and record them."""
