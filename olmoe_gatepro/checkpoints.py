@@ -45,7 +45,9 @@ def find_checkpoint(path: str) -> tuple[str, int]:
 def model_kind(model: str) -> str:
     """``"hf"``, ``"olmo-core"`` or ``"hub"``; a ValueError naming ``model`` when it is none of them."""
     if os.path.isdir(model):
-        if os.path.exists(os.path.join(model, "config.json")):
+        # An OLMo-core step folder may hold a config.json too (OLMo-core's ConfigSaverCallback writes one).
+        if os.path.exists(os.path.join(model, "config.json")) and not os.path.exists(
+                os.path.join(model, "model_and_optim", ".metadata")):
             return "hf"
         try:
             find_checkpoint(model)

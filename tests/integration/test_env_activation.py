@@ -32,10 +32,11 @@ def _run_script(tmp_path, **env_vars):
     return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path)
 
 
-def test_pth_hook_is_installed():
-    assert (Path(sysconfig.get_paths()["purelib"]) / "olmoe_gatepro_env.pth").exists(), (
-        "olmoe_gatepro_env.pth is missing from site-packages: install the package (make test does)"
-    )
+def test_pth_hook_is_installed_and_current():
+    installed = Path(sysconfig.get_paths()["purelib"]) / "olmoe_gatepro_env.pth"
+    assert installed.exists(), "olmoe_gatepro_env.pth is missing from site-packages: install the package (make test does)"
+    assert installed.read_text() == (Path(__file__).resolve().parent.parent / "olmoe_gatepro_env.pth").read_text(), (
+        f"{installed} is not the repository's olmoe_gatepro_env.pth: reinstall the package (pip install -e .)")
 
 
 def test_environment_switches_gatepro_on_in_an_unmodified_script(tmp_path):
@@ -46,6 +47,10 @@ def test_environment_switches_gatepro_on_in_an_unmodified_script(tmp_path):
     result = _run_script(tmp_path, OLMOE_GATEPRO="1", OLMOE_GATEPRO_PENALTY="0.3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SETTINGS (True, 0.3, 1, False) (True, 0.3, 1, False)" in result.stdout
+    # One line for the process, though two router modules (OLMo-core's, transformers' OLMoE) were patched.
+    announced = [line for line in result.stderr.splitlines() if "GatePro on (OLMOE_GATEPRO" in line]
+    assert len(announced) == 1 and "INFO" in announced[0]
+    assert "penalty=0.3 num_competitors=1 hard=False partner_refresh_steps=None" in announced[0]
     saved = torch.load(tmp_path / "routing.pt")
     weight = saved["weight"].view(8, 16)
     penalised = reference_gatepro(torch.nn.functional.linear(saved["x"], weight), weight, 0.3)
@@ -54,17 +59,33 @@ def test_environment_switches_gatepro_on_in_an_unmodified_script(tmp_path):
     assert not torch.equal(saved["indices"], stock)
 
 
+def test_only_rank_zero_names_the_settings(tmp_path):
+    result = _run_script(tmp_path, OLMOE_GATEPRO="1", RANK="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SETTINGS (True, 0.0001, 1, False)" in result.stdout and "GatePro on" not in result.stderr
+
+
 @pytest.mark.parametrize("switch", [None, "0", "off"])
 def test_unset_or_off_leaves_stock_routing(tmp_path, switch):
     result = _run_script(tmp_path, **({} if switch is None else {"OLMOE_GATEPRO": switch}))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SETTINGS None None" in result.stdout
+    assert "SETTINGS None None" in result.stdout and "GatePro on" not in result.stderr
 
 
 def test_bad_value_fails_the_import_naming_the_variable(tmp_path):
     result = _run_script(tmp_path, OLMOE_GATEPRO="1", OLMOE_GATEPRO_PENALTY="1e-4x")
     assert result.returncode != 0
     assert "OLMOE_GATEPRO_PENALTY='1e-4x'" in result.stderr
+
+
+def test_metrics_interval_parsing():
+    from olmoe_gatepro.env_activation import metrics_interval_from_env
+
+    assert [metrics_interval_from_env(env) for env in ({}, {"OLMOE_GATEPRO_METRICS": "0"},
+                                                       {"OLMOE_GATEPRO_METRICS": " 100 "})] == [None, None, 100]
+    for bad in ("-5", "1.5", "often"):
+        with pytest.raises(ValueError, match=f"OLMOE_GATEPRO_METRICS='{bad}': expected a number of steps >= 1"):
+            metrics_interval_from_env({"OLMOE_GATEPRO_METRICS": bad})
 
 
 def test_config_from_env_parsing():
