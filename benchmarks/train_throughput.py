@@ -24,9 +24,9 @@ from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
 def build_models(args):
     config = TinyRunConfig(
-        hidden_size=args.d_model, num_layers=args.layers, num_heads=16 if args.d_model % 16 == 0 else 1,
+        d_model=args.d_model, n_layers=args.layers, n_heads=16 if args.d_model % 16 == 0 else 1,
         num_experts=args.experts, top_k=args.top_k, expert_hidden_size=args.expert_hidden,
-        seq_len=args.seq_len, router_aux_loss_coef=0.01,
+        sequence_length=args.sequence_length, lb_loss_weight=0.01,
     )
     stock, gatepro = build_tiny_olmoe(config), build_tiny_olmoe(config)
     patch_transformers(model=gatepro, penalty=1e-4)
@@ -42,7 +42,7 @@ def main(argv=None) -> float:
     parser.add_argument("--expert-hidden", type=int, default=1024)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--sequence-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     if args.quick:
@@ -51,13 +51,13 @@ def main(argv=None) -> float:
     stock, gatepro = build_models(args)
     optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model in (stock, gatepro)]
     generator = torch.Generator().manual_seed(0)
-    tokens_per_step = args.batch * args.seq_len
+    tokens_per_step = args.batch * args.sequence_length
     seconds: list[list[float]] = [[], []]
     print(f"OlmoeForCausalLM d={args.d_model} layers={args.layers} experts={args.experts} "
           f"top-{args.top_k} expert_hidden={args.expert_hidden}, {tokens_per_step} tokens a step, "
           f"CPU threads {torch.get_num_threads()}")
     for step in range(args.steps + 1):  # step 0 warms up
-        batch = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=generator)
+        batch = torch.randint(0, 256, (args.batch, args.sequence_length + 1), generator=generator)
         order = (0, 1) if step % 2 == 0 else (1, 0)
         for i in order:
             model, optimizer = (stock, gatepro)[i], optimizers[i]

@@ -16,8 +16,8 @@ from olmoe_gatepro.pipelines.presets import (
 
 TEST_REPRODUCE_PRESETS = {
     "tiny": ReproducePreset(
-        run=TinyRunConfig(steps=4, batch_size=4, seq_len=32, num_layers=1, num_experts=4, top_k=2,
-                          hidden_size=32, num_heads=2, expert_hidden_size=16, log_every=2),
+        run=TinyRunConfig(steps=4, global_batch_sequences=4, sequence_length=32, n_layers=1, num_experts=4, top_k=2,
+                          d_model=32, n_heads=2, expert_hidden_size=16, metrics_interval_steps=2),
         arms=(("baseline", GateProConfig(enabled=False)), ("gatepro", GateProConfig(penalty=0.05))),
         seeds=(0, 1),
         eval_limit=2,
@@ -28,7 +28,7 @@ TEST_REPRODUCE_PRESETS = {
 TEST_STUDY_PRESETS = {
     # Two settings, a few steps.
     "minimal": StudyPreset(
-        run=TinyRunConfig(steps=4, batch_size=2, seq_len=32, num_layers=2, num_experts=8, top_k=2, log_every=2),
+        run=TinyRunConfig(steps=4, global_batch_sequences=2, sequence_length=32, n_layers=2, num_experts=8, top_k=2, metrics_interval_steps=2),
         settings=(PAPER_GRID[0], StudySetting("lambda=0.1", GateProConfig(penalty=0.1))),
         seeds=(0,),
         lb_loss_weights=(0.01,),

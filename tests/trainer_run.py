@@ -40,8 +40,8 @@ def train(out: str, gatepro: GateProRunConfig, steps: int = 6, stop_at: int | No
           metrics_interval: int = 1) -> Trainer:
     """Train (or resume) a tiny OLMoE in ``out`` for ``steps`` optimizer steps; checkpoints every 3."""
     with deterministic_cpu():
-        model = build_tiny_olmoe(TinyRunConfig(num_layers=2, num_experts=8, top_k=2, hidden_size=32, num_heads=2,
-                                               expert_hidden_size=16, seq_len=SEQ_LEN))
+        model = build_tiny_olmoe(TinyRunConfig(n_layers=2, num_experts=8, top_k=2, d_model=32, n_heads=2,
+                                               expert_hidden_size=16, sequence_length=SEQ_LEN))
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH,
             gradient_accumulation_steps=ACCUMULATION, learning_rate=1e-3, save_steps=3, logging_steps=1,

@@ -9,7 +9,7 @@ import difflib
 import os
 import re
 
-__all__ = ["cost_flags", "throughput", "dest", "preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
+__all__ = ["renamed_flags", "cost_flags", "throughput", "dest", "preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
            "check_out_folder", "device", "check_model", "per_model", "count"]
 
 
@@ -55,6 +55,19 @@ def preset_flag(parser: argparse.ArgumentParser, presets: dict, default: str, wh
 
     parser.add_argument("--preset", type=preset, default=default, metavar="{" + ",".join(shown) + "}",
                         help=f"{what} (default: {default})")
+
+
+def renamed_flags(parser: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
+    """Refuse each old flag of ``renamed`` (old -> new) with a pointer to its new name.
+
+    Registered as hidden flags, so that an old flag is never taken as an abbreviation of its new one.
+    """
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is now {renamed[option_string]} (the name OLMo-core's run configs use)")
+
+    for old in renamed:
+        parser.add_argument(old, action=Renamed, nargs="?", help=argparse.SUPPRESS)
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, helps: dict[str, str]) -> None:

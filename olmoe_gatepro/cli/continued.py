@@ -1,10 +1,13 @@
 """``continue``: continued training of a Hugging Face MoE checkpoint with the Trainer, GatePro on or off."""
 
-from olmoe_gatepro.cli.common import check_model, check_out_folder, count
+from olmoe_gatepro.cli.common import check_model, check_out_folder, count, renamed_flags
 from olmoe_gatepro.extras import require
 
-FIELDS = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "batch_size", "gradient_accumulation_steps",
-          "learning_rate", "warmup_steps", "seed", "metrics_interval", "bf16")
+FIELDS = ("train_tokens", "revision", "tokens_dtype", "sequence_length", "micro_batch_sequences",
+          "gradient_accumulation_steps", "lr", "warmup_steps", "seed", "metrics_interval_steps", "bf16")
+# Flags of earlier versions, now spelt as OLMo-core's run configs spell the same settings.
+RENAMED_FLAGS = {"--batch-size": "--micro-batch-sequences", "--learning-rate": "--lr",
+                 "--metrics-interval": "--metrics-interval-steps"}
 
 
 def register(command) -> None:
@@ -21,15 +24,16 @@ def register(command) -> None:
     resume.add_argument("--revision", default=None, help="hub revision of the model")
     resume.add_argument("--tokens-dtype", choices=("uint16", "uint32"), default="uint16", help="raw token files' dtype")
     for flag, default, text in (("--sequence-length", 2048, "tokens per sequence"),
-                                ("--batch-size", 4, "sequences per process and micro-batch"),
+                                ("--micro-batch-sequences", 4, "sequences per process and micro-batch"),
                                 ("--gradient-accumulation-steps", 1, "micro-batches per optimizer step"),
                                 ("--warmup-steps", 0, "linear warmup steps (then cosine decay)"),
                                 ("--seed", 0, "data order and initial RNG"),
-                                ("--metrics-interval", 10, "log routing metrics every this many steps")):
+                                ("--metrics-interval-steps", 10, "log routing metrics every this many steps")):
         resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
-    resume.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
+    resume.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
     resume.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast; weights and optimizer state stay float32 (GPUs)")
+    renamed_flags(resume, RENAMED_FLAGS)
     resume.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME",
                         help="the Trainer's report_to: none (default), all, wandb, tensorboard, ...")
 

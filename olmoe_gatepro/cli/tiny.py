@@ -5,6 +5,7 @@ from olmoe_gatepro.cli.common import (
     check_out_folder,
     dataclass_or_error,
     preset_flag,
+    renamed_flags,
 )
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.extras import require
@@ -13,17 +14,17 @@ from olmoe_gatepro.pipelines.presets import STUDY_PRESETS, TinyRunConfig
 SMOKE_HELP = {
     "seed": "initial weights and batch order",
     "steps": "training steps per model",
-    "batch_size": "sequences per step",
-    "seq_len": "tokens per sequence",
-    "hidden_size": "model width",
-    "num_layers": "transformer blocks (each an MoE layer)",
-    "num_heads": "attention heads; must divide --hidden-size",
+    "global_batch_sequences": "sequences per step",
+    "sequence_length": "tokens per sequence",
+    "d_model": "model width",
+    "n_layers": "transformer blocks (each an MoE layer)",
+    "n_heads": "attention heads; must divide --d-model",
     "num_experts": "experts per MoE layer (>= 2)",
     "top_k": "experts chosen per token (<= --num-experts)",
     "expert_hidden_size": "hidden size of each expert",
-    "learning_rate": "AdamW learning rate",
-    "router_aux_loss_coef": "load-balancing loss weight (0 switches it off)",
-    "log_every": "record routing metrics every this many steps",
+    "lr": "AdamW learning rate",
+    "lb_loss_weight": "load-balancing loss weight (0 switches it off)",
+    "metrics_interval_steps": "record routing metrics every this many steps",
     "device": "cpu or cuda[:N]",
     "corpus": "small (six standard-library modules) or stdlib (all of it)",
     "enabled": "route the GatePro run with GatePro (false: two baselines)",
@@ -34,11 +35,19 @@ SMOKE_HELP = {
 }
 
 
+# Flags of earlier versions, now spelt as OLMo-core's run configs spell the same settings.
+RENAMED_FLAGS = {f"--{old.replace('_', '-')}": f"--{new.replace('_', '-')}" for old, new in (
+    ("batch_size", "global_batch_sequences"), ("seq_len", "sequence_length"), ("hidden_size", "d_model"),
+    ("num_layers", "n_layers"), ("num_heads", "n_heads"), ("learning_rate", "lr"),
+    ("router_aux_loss_coef", "lb_loss_weight"), ("log_every", "metrics_interval_steps"))}
+
+
 def register(command) -> None:
     smoke = command("smoke", smoke_command,
                     help="train a tiny OLMoE on the CPU with and without GatePro and print routing metrics")
     add_dataclass_flags(smoke, TinyRunConfig, "", SMOKE_HELP)
     add_dataclass_flags(smoke, GateProConfig, "gatepro-", SMOKE_HELP)
+    renamed_flags(smoke, RENAMED_FLAGS)
     smoke.add_argument("--out", default="runs/smoke", help="folder for tiny_comparison.json (default: runs/smoke)")
     study = command("study", study_command,
                     help="train tiny OLMoEs that differ only in GatePro (lambda, variants, LBL) and report routing")

@@ -62,7 +62,12 @@ def train_command(args, overrides, command) -> int:
         run = load_run_config(args.config, overrides)
     except ConfigError as error:
         command.error(str(error))
-    from olmoe_gatepro.olmo_core.train import InterruptedRun, check_data_paths, check_rerun, train
+    from olmoe_gatepro.olmo_core.train import (
+        InterruptedRun,
+        check_data_paths,
+        check_rerun,
+        train,
+    )
 
     cost = throughput(args, command)
     if not args.dry_run:

@@ -62,17 +62,17 @@ class ContinuedTraining:
     revision: str | None = None
     tokens_dtype: str = "uint16"
     sequence_length: int = 2048
-    batch_size: int = 4
+    micro_batch_sequences: int = 4
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-5
+    lr: float = 1e-5
     warmup_steps: int = 0
     seed: int = 0
-    metrics_interval: int = 10
+    metrics_interval_steps: int = 10
     bf16: bool = False
     report_to: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
-        for name in ("train_tokens", "sequence_length", "batch_size", "gradient_accumulation_steps", "metrics_interval"):
+        for name in ("train_tokens", "sequence_length", "micro_batch_sequences", "gradient_accumulation_steps", "metrics_interval_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "sequence_length" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'sequence_length' else 1}; got {value!r}")
@@ -84,8 +84,8 @@ class ContinuedTraining:
         missing = [path for path in self.data if not os.path.isfile(path)]
         if missing:
             raise ValueError(f"data: no such file {missing[0]}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
         _check_report_to(self.report_to)
 
 
@@ -162,18 +162,18 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     """Train ``spec`` into ``out_dir`` (resuming from its latest checkpoint); return the record of ``hf/``.
 
     Under ``torchrun``/``accelerate`` every process runs this; the optimizer steps are
-    ``train_tokens / (sequence_length * batch_size * accumulation * WORLD_SIZE)``.
+    ``train_tokens / (sequence_length * micro_batch_sequences * accumulation * WORLD_SIZE)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = spec.sequence_length * spec.batch_size * spec.gradient_accumulation_steps * world_size
+    tokens_per_step = spec.sequence_length * spec.micro_batch_sequences * spec.gradient_accumulation_steps * world_size
     steps = spec.train_tokens // tokens_per_step
     if steps < 1:
         raise ValueError(f"train_tokens {spec.train_tokens} is less than one optimizer step ({tokens_per_step} tokens: "
-                         "sequence_length x batch_size x accumulation x processes)")
+                         "sequence_length x micro_batch_sequences x accumulation x processes)")
     final = os.path.join(out_dir, "hf")
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists: this arm is done; choose another --out")
@@ -195,10 +195,10 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
         raise ValueError(f"data: {stream.numel()} tokens, fewer than the {steps * tokens_per_step} to train on; "
                          "give more data or fewer --train-tokens")
     args = TrainingArguments(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.learning_rate,
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=spec.micro_batch_sequences,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.lr,
         warmup_steps=spec.warmup_steps, lr_scheduler_type="cosine", save_steps=max(1, min(500, steps // 4)),
-        save_total_limit=2, logging_steps=spec.metrics_interval, report_to=list(spec.report_to), seed=spec.seed,
+        save_total_limit=2, logging_steps=spec.metrics_interval_steps, report_to=list(spec.report_to), seed=spec.seed,
         data_seed=spec.seed,
         include_num_input_tokens_seen="all", bf16=spec.bf16, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
@@ -206,7 +206,7 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         keep_settings(settings_path, settings)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": w, "labels": w} for w in windows])
-    GateProTrainerCallback.attach(trainer, spec.gatepro, metrics_interval=spec.metrics_interval)
+    GateProTrainerCallback.attach(trainer, spec.gatepro, metrics_interval=spec.metrics_interval_steps)
     stopper = _StopOnInterrupt()
     trainer.add_callback(stopper)
     resume = bool(glob.glob(os.path.join(out_dir, "checkpoint-*")))

@@ -18,40 +18,40 @@ CORPORA = ("small", "stdlib")
 
 @dataclass(frozen=True)
 class TinyRunConfig:
-    """A tiny OLMoE and its CPU training run."""
+    """A tiny OLMoE and its CPU training run; the fields take OLMo-core's run-config names."""
 
     seed: int = 0
     steps: int = 40
-    batch_size: int = 16
-    seq_len: int = 128
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
+    global_batch_sequences: int = 16
+    sequence_length: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
     num_experts: int = 16
     top_k: int = 4
     expert_hidden_size: int = 64
-    learning_rate: float = 3e-3
-    router_aux_loss_coef: float = 0.01
-    log_every: int = 10
+    lr: float = 3e-3
+    lb_loss_weight: float = 0.01
+    metrics_interval_steps: int = 10
     device: str = "cpu"
     corpus: str = "small"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "expert_hidden_size", "log_every"):
+        for name in ("steps", "global_batch_sequences", "d_model", "n_layers", "n_heads", "expert_hidden_size", "metrics_interval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2; got {self.seq_len}")
+        if self.sequence_length < 2:
+            raise ValueError(f"sequence_length must be >= 2; got {self.sequence_length}")
         if self.num_experts < 2:
             raise ValueError(f"num_experts must be >= 2 for GatePro; got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must lie in [1, num_experts = {self.num_experts}]; got {self.top_k}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate}")
-        if not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be finite and >= 0; got {self.router_aux_loss_coef}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be finite and > 0; got {self.lr}")
+        if not math.isfinite(self.lb_loss_weight) or self.lb_loss_weight < 0:
+            raise ValueError(f"lb_loss_weight must be finite and >= 0; got {self.lb_loss_weight}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
         if self.corpus not in CORPORA:
@@ -85,7 +85,7 @@ OFF = GateProConfig(enabled=False)
 REPRODUCE_PRESETS = {
     # About 7 minutes on a 2-core CPU (measured: docs/olmo-core-end-to-end.md is for the OLMo-core path).
     "smoke": ReproducePreset(
-        run=TinyRunConfig(steps=300, num_layers=2, num_experts=16, top_k=4, log_every=10),
+        run=TinyRunConfig(steps=300, n_layers=2, num_experts=16, top_k=4, metrics_interval_steps=10),
         arms=(("baseline", OFF), ("gatepro", GateProConfig()), ("gatepro-lambda0.1", GateProConfig(penalty=0.1))),
         seeds=(0, 1),
         eval_limit=20,
@@ -162,7 +162,7 @@ STUDY_PRESETS = {
     # About 15 minutes on a 2-core CPU: 9 settings x 2 LBL weights x 3 seeds = 54 runs.
     "cpu": StudyPreset(
         run=TinyRunConfig(
-            steps=200, batch_size=8, seq_len=128, num_layers=4, num_experts=32, top_k=4, log_every=10
+            steps=200, global_batch_sequences=8, sequence_length=128, n_layers=4, num_experts=32, top_k=4, metrics_interval_steps=10
         ),
         settings=PAPER_GRID,
         seeds=(0, 1, 2),
@@ -172,8 +172,8 @@ STUDY_PRESETS = {
     # transformers' OLMoE. Not run yet (no GPU was available); about 36 runs per expert count.
     "gpu": StudyPreset(
         run=TinyRunConfig(
-            steps=2000, batch_size=16, seq_len=512, hidden_size=512, num_layers=8, num_heads=8,
-            num_experts=64, top_k=8, expert_hidden_size=256, learning_rate=1e-3, log_every=50,
+            steps=2000, global_batch_sequences=16, sequence_length=512, d_model=512, n_layers=8, n_heads=8,
+            num_experts=64, top_k=8, expert_hidden_size=256, lr=1e-3, metrics_interval_steps=50,
             device="cuda", corpus="stdlib",
         ),
         settings=PAPER_GRID,

@@ -110,7 +110,7 @@ def _inspect_stage(preset: ReproducePreset, runs, out_dir: str, folder: str) -> 
     models = [ModelToInspect(os.path.join(out_dir, name, "checkpoint"), name, gatepro=gatepro if gatepro.enabled else None)
               for name, gatepro, _ in runs]
     with deterministic_cpu():
-        routing = inspect_models(models, TextSource(max_tokens=preset.inspect_tokens, sequence_length=preset.run.seq_len),
+        routing = inspect_models(models, TextSource(max_tokens=preset.inspect_tokens, sequence_length=preset.run.sequence_length),
                                  batch_size=16)
     write_report(routing, folder)
     print(f"inspect: {len(models)} checkpoints, {preset.inspect_tokens} tokens each, in "
@@ -200,7 +200,7 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     summary = summary_markdown(routing, f"{ROUTING_FOLDER}/routing.md")
     print(summary, flush=True)
     write_text_atomically(table, f"{text}\n{summary}")
-    tokens_per_step = preset.run.batch_size * preset.run.seq_len
+    tokens_per_step = preset.run.global_batch_sequences * preset.run.sequence_length
     write_learning_curves([curves_from_records(read_records(os.path.join(out_dir, name, METRICS_FILE)), name,
                                                tokens_per_step) for name, _, _ in runs], report)
     write_text_atomically(os.path.join(report, "settings.json"), json.dumps(settings, indent=2))

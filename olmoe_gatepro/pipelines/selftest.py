@@ -153,7 +153,7 @@ def _tiny_olmoe(seed: int, experts: int = 8):
     from olmoe_gatepro.pipelines.presets import TinyRunConfig
     from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
-    config = TinyRunConfig(seed=seed, hidden_size=32, num_layers=2, num_heads=2, num_experts=experts, top_k=2,
+    config = TinyRunConfig(seed=seed, d_model=32, n_layers=2, n_heads=2, num_experts=experts, top_k=2,
                            expert_hidden_size=16)
     return build_tiny_olmoe(config)
 
@@ -311,12 +311,12 @@ def _check_train_throughput(context: _Context) -> tuple[str, str]:
     from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
     from olmoe_gatepro.transformers.patch import patch_transformers, unpatch_transformers
 
-    config = TinyRunConfig(hidden_size=256, num_layers=2, num_heads=4, num_experts=16, top_k=4, expert_hidden_size=256,
-                           seq_len=256, router_aux_loss_coef=0.01)
+    config = TinyRunConfig(d_model=256, n_layers=2, n_heads=4, num_experts=16, top_k=4, expert_hidden_size=256,
+                           sequence_length=256, lb_loss_weight=0.01)
     models = [build_tiny_olmoe(config).to(context.device).train() for _ in range(2)]
     patch_transformers(model=models[1], penalty=1e-4)
     optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model in models]
-    tokens = torch.randint(0, 256, (4, config.seq_len), generator=torch.Generator().manual_seed(5)).to(context.device)
+    tokens = torch.randint(0, 256, (4, config.sequence_length), generator=torch.Generator().manual_seed(5)).to(context.device)
 
     def step(model, optimizer):
         def run():

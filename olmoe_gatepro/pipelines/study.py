@@ -61,7 +61,7 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print, num_experts: int | 
         key = _run_key(setting.name, lbl, seed)
         if key in finished:
             continue
-        run = dataclasses.replace(preset.run, seed=seed, router_aux_loss_coef=lbl)
+        run = dataclasses.replace(preset.run, seed=seed, lb_loss_weight=lbl)
         records = train_tiny(run, setting.gatepro, tokens)
         result = {
             "key": key,

@@ -105,16 +105,16 @@ def build_tiny_olmoe(config: TinyRunConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     model_config = OlmoeConfig(
         vocab_size=256,
-        hidden_size=config.hidden_size,
+        hidden_size=config.d_model,
         intermediate_size=config.expert_hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
         num_experts=config.num_experts,
         num_experts_per_tok=config.top_k,
-        max_position_embeddings=max(config.seq_len, 4096),  # RoPE: lets lm-eval score long prompts
-        router_aux_loss_coef=config.router_aux_loss_coef,
-        output_router_logits=config.router_aux_loss_coef > 0,
+        max_position_embeddings=max(config.sequence_length, 4096),  # RoPE: lets lm-eval score long prompts
+        router_aux_loss_coef=config.lb_loss_weight,
+        output_router_logits=config.lb_loss_weight > 0,
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,
@@ -132,9 +132,9 @@ def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
     """(steps, batch, seq_len) windows of ``tokens`` in a seeded random order."""
     generator = torch.Generator().manual_seed(config.seed)
     starts = torch.randint(
-        0, tokens.numel() - config.seq_len, (config.steps, config.batch_size), generator=generator
+        0, tokens.numel() - config.sequence_length, (config.steps, config.global_batch_sequences), generator=generator
     )
-    return tokens[starts.unsqueeze(-1) + torch.arange(config.seq_len)]
+    return tokens[starts.unsqueeze(-1) + torch.arange(config.sequence_length)]
 
 
 class _InOrder(torch.utils.data.IterableDataset):
@@ -197,15 +197,15 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
     model = build_tiny_olmoe(config)
     args = TrainingArguments(
-        output_dir=output_dir, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate, adam_beta2=0.95, weight_decay=0.01, lr_scheduler_type="constant",
-        max_grad_norm=0.0, save_strategy="no", logging_steps=config.log_every, report_to="none", seed=config.seed,
+        output_dir=output_dir, max_steps=config.steps, per_device_train_batch_size=config.global_batch_sequences,
+        learning_rate=config.lr, adam_beta2=0.95, weight_decay=0.01, lr_scheduler_type="constant",
+        max_grad_norm=0.0, save_strategy="no", logging_steps=config.metrics_interval_steps, report_to="none", seed=config.seed,
         use_cpu=torch.device(config.device).type == "cpu", disable_tqdm=True, log_level="error",
     )
     trainer = Trainer(model=model, args=args, train_dataset=_InOrder(_batches(tokens[:split], config)))
     schedule = GateProRunConfig(**dataclasses.asdict(gatepro))
-    GateProTrainerCallback.attach(trainer, schedule, metrics_interval=config.log_every)
-    losses = _LossRecorder(held_out.to(trainer.args.device), config.log_every)
+    GateProTrainerCallback.attach(trainer, schedule, metrics_interval=config.metrics_interval_steps)
+    losses = _LossRecorder(held_out.to(trainer.args.device), config.metrics_interval_steps)
     trainer.add_callback(losses)
     trainer.remove_callback(PrinterCallback)
     if progress is not None:
@@ -237,7 +237,7 @@ def compare_tiny(
         started = time.monotonic()
 
         def progress(step, total, loss, name=name):
-            if step % config.log_every == 0 or step == total:
+            if step % config.metrics_interval_steps == 0 or step == total:
                 echo(f"[{name}] step {step}/{total} loss {loss:.4f}")
 
         runs[name] = train_tiny(config, setting, tokens, progress)

@@ -56,8 +56,8 @@ SMOKE_CASES = [
     (["--steps", "0"], "--steps: steps must be >= 1; got 0"),
     (["--top-k", "99"], "--top-k: top_k must lie in [1, num_experts = 16]; got 99"),
     (["--corpus", "foo"], "--corpus: corpus must be one of small, stdlib; got 'foo'"),
-    (["--num-heads", "3"], "hidden_size (64) must be divisible by num_heads (3)"),
-    (["--learning-rate", "inf"], "--learning-rate: learning_rate must be finite"),
+    (["--n-heads", "3"], "d_model (64) must be divisible by n_heads (3)"),
+    (["--lr", "inf"], "--lr: lr must be finite"),
     (["--gatepro-penalty", "-1"], "--gatepro-penalty: penalty must be finite and >= 0"),
     (["--gatepro-num-competitors", "16"], "--gatepro-num-competitors (16) must be < --num-experts (16)"),
     (["--out", "a-file"], "--out a-file: exists and is not a folder"),
@@ -171,7 +171,7 @@ def checkpoint(tmp_path_factory):
     from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=4, top_k=2, hidden_size=32, num_heads=2,
+    save_checkpoint(build_tiny_olmoe(TinyRunConfig(n_layers=1, num_experts=4, top_k=2, d_model=32, n_heads=2,
                                                    expert_hidden_size=16)), str(folder))
     return str(folder)
 

@@ -26,6 +26,6 @@ def test_router_overhead_quick_on_tiny_shapes():
 
 def test_train_throughput_quick_on_tiny_shapes():
     out = _run("train_throughput.py", "--quick", "--d-model", "32", "--experts", "8", "--expert-hidden", "16",
-               "--top-k", "2", "--seq-len", "16")
+               "--top-k", "2", "--sequence-length", "16")
     assert "stock" in out and "gatepro" in out
     assert re.fullmatch(r"throughput_ratio=\d+\.\d{4}", out.strip().splitlines()[-1])

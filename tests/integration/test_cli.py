@@ -8,8 +8,8 @@ from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS
 
 def test_smoke_prints_both_runs_side_by_side_and_writes_json(tmp_path, capsys):
     out = tmp_path / "smoke"
-    argv = ["smoke", "--steps", "4", "--log-every", "2", "--num-layers", "2", "--batch-size", "4",
-            "--seq-len", "32", "--gatepro-penalty", "0.05", "--out", str(out)]
+    argv = ["smoke", "--steps", "4", "--metrics-interval-steps", "2", "--n-layers", "2",
+            "--global-batch-sequences", "4", "--sequence-length", "32", "--gatepro-penalty", "0.05", "--out", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "baseline" in printed and "gatepro" in printed
@@ -27,7 +27,7 @@ def test_smoke_prints_both_runs_side_by_side_and_writes_json(tmp_path, capsys):
 
 
 def test_smoke_is_deterministic_for_a_seed(tmp_path):
-    argv = ["smoke", "--steps", "2", "--log-every", "1", "--batch-size", "2", "--seq-len", "16"]
+    argv = ["smoke", "--steps", "2", "--metrics-interval-steps", "1", "--global-batch-sequences", "2", "--sequence-length", "16"]
     cli.main(argv + ["--out", str(tmp_path / "a")])
     cli.main(argv + ["--out", str(tmp_path / "b")])
     a = json.loads((tmp_path / "a" / "tiny_comparison.json").read_text())
@@ -40,3 +40,17 @@ def test_bad_gatepro_flag_names_the_value(capsys):
         cli.main(["smoke", "--gatepro-penalty", "-1"])
     error = capsys.readouterr().err
     assert "error: --gatepro-penalty: penalty must be finite and >= 0; got -1.0" in error
+
+
+@pytest.mark.parametrize("command, old, new", [("smoke", "--seq-len", "--sequence-length"),
+                                               ("smoke", "--hidden-size", "--d-model"),
+                                               ("smoke", "--log-every", "--metrics-interval-steps"),
+                                               ("continue", "--learning-rate", "--lr"),
+                                               ("continue", "--metrics-interval", "--metrics-interval-steps")])
+def test_an_old_flag_points_to_its_new_name(capsys, tmp_path, command, old, new):
+    argv = [command, old, "3"] if command == "smoke" else [command, "m", "--data", "d", "--train-tokens", "1",
+                                                          "--baseline", "--out", str(tmp_path), old, "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.endswith(f"error: {old} is now {new} (the name OLMo-core's run configs use)")

@@ -13,15 +13,15 @@ from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 from test_bad_inputs import _refused, _snapshot
 
 ARMS = {"baseline": ["--baseline"], "gatepro": ["--gatepro-penalty", "0.05"]}
-TRAIN = ["--train-tokens", "256", "--sequence-length", "32", "--batch-size", "2", "--learning-rate", "1e-3",
-         "--metrics-interval", "1"]
+TRAIN = ["--train-tokens", "256", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
+         "--metrics-interval-steps", "1"]
 
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
     """A tiny 'existing checkpoint' (byte tokenizer) and token files made by prepare-data."""
     folder = tmp_path_factory.mktemp("stand-in")
-    save_checkpoint(build_tiny_olmoe(TinyRunConfig(num_layers=2, num_experts=8, top_k=2, hidden_size=32, num_heads=2,
+    save_checkpoint(build_tiny_olmoe(TinyRunConfig(n_layers=2, num_experts=8, top_k=2, d_model=32, n_heads=2,
                                                    expert_hidden_size=16)), str(folder / "base"))
     (folder / "corpus.txt").write_text("Experts that look alike should not be chosen together. " * 40)
     assert main(["prepare-data", str(folder / "corpus.txt"), "--out", str(folder / "tokens")]) == 0
@@ -77,8 +77,8 @@ def test_text_data_and_bad_input(stand_in, tmp_path, capsys, monkeypatch):
     assert _snapshot(tmp_path) == before
 
 
-LONGER = ["--train-tokens", "1024", "--sequence-length", "32", "--batch-size", "2", "--learning-rate", "1e-3",
-          "--metrics-interval", "1"]  # 16 steps, checkpoints every 4
+LONGER = ["--train-tokens", "1024", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
+          "--metrics-interval-steps", "1"]  # 16 steps, checkpoints every 4
 
 
 def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(stand_in, tmp_path, capsys):
@@ -103,8 +103,8 @@ def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(stand_i
     assert 1 <= stopped < 16 and (tmp_path / "cut" / f"checkpoint-{stopped}").is_dir(), output[-3000:]
     assert not (tmp_path / "cut" / "hf").exists()
     before = _snapshot(tmp_path / "cut")
-    _refused(command(tmp_path / "cut", "--learning-rate", "2e-3", "--seed", "1")[3:], capsys,
-             "holds a run with other settings", "learning_rate: 0.001 there, 0.002 now", "seed: 0 there, 1 now")
+    _refused(command(tmp_path / "cut", "--lr", "2e-3", "--seed", "1")[3:], capsys,
+             "holds a run with other settings", "lr: 0.001 there, 0.002 now", "seed: 0 there, 1 now")
     assert _snapshot(tmp_path / "cut") == before
     with deterministic_cpu():
         assert main(command(tmp_path / "cut")[3:]) == 0
@@ -126,7 +126,7 @@ def test_bf16_moves_as_many_weights_as_float32(stand_in, tmp_path):
     (pure bf16 weights: 5% moved against 95%, the bug this guards against)."""
     from safetensors.torch import load_file
 
-    train = [*TRAIN[:6], "--train-tokens", "512", "--learning-rate", "1e-5"]  # 8 steps
+    train = [*TRAIN[:6], "--train-tokens", "512", "--lr", "1e-5"]  # 8 steps
     for name, flags in (("float32", []), ("bf16", ["--bf16"])):
         assert main(["continue", str(stand_in / "base"), "--data", str(stand_in / "tokens/part-00000.npy"),
                      "--gatepro-penalty", "0.05", *train, *flags, "--out", str(tmp_path / name)]) == 0

@@ -12,7 +12,7 @@ import sys
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.pipelines.presets import TinyRunConfig
 from olmoe_gatepro.pipelines.tiny_run import corpus_tokens, train_tiny
-config = TinyRunConfig(steps=20, batch_size=8, seq_len=64, num_layers=2, num_experts=8, top_k=2, log_every=5)
+config = TinyRunConfig(steps=20, global_batch_sequences=8, sequence_length=64, n_layers=2, num_experts=8, top_k=2, metrics_interval_steps=5)
 train_tiny(config, GateProConfig(), corpus_tokens(), checkpoint_dir=sys.argv[1])
 """
 

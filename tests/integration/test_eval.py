@@ -19,7 +19,7 @@ from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    config = TinyRunConfig(num_layers=1, num_experts=4, top_k=2, hidden_size=32, num_heads=2, expert_hidden_size=16)
+    config = TinyRunConfig(n_layers=1, num_experts=4, top_k=2, d_model=32, n_heads=2, expert_hidden_size=16)
     save_checkpoint(build_tiny_olmoe(config), str(folder))
     return str(folder)
 

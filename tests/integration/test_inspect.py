@@ -27,8 +27,8 @@ PAIRS = [1, 0, 3, 2, 5, 4]
 
 
 def _hand_built(seed: int) -> torch.nn.Module:
-    model = build_tiny_olmoe(TinyRunConfig(seed=seed, num_layers=2, num_experts=EXPERTS, top_k=TOP_K,
-                                           hidden_size=HIDDEN, num_heads=2, expert_hidden_size=16))
+    model = build_tiny_olmoe(TinyRunConfig(seed=seed, n_layers=2, num_experts=EXPERTS, top_k=TOP_K,
+                                           d_model=HIDDEN, n_heads=2, expert_hidden_size=16))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for router in olmoe_routers(model):

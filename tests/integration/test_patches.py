@@ -73,7 +73,7 @@ def test_transformers_diff_routes_like_the_plugin(tmp_path, monkeypatch):
         "transformers-5.23.0-modeling_olmoe.diff", upstream, "src/transformers/models/olmoe/modeling_olmoe.py", tmp_path
     )
     fork = _load_as_sibling(path, "transformers.models.olmoe", "_gatepro_fork_modeling_olmoe", monkeypatch)
-    stock = build_tiny_olmoe(TinyRunConfig(num_experts=8, top_k=2, num_layers=2, hidden_size=32, num_heads=2)).eval()
+    stock = build_tiny_olmoe(TinyRunConfig(num_experts=8, top_k=2, n_layers=2, d_model=32, n_heads=2)).eval()
     config = stock.config.__class__(**{**stock.config.to_dict(), "gatepro_penalty": PENALTY})
     forked = fork.OlmoeForCausalLM(config).eval()
     forked.load_state_dict(stock.state_dict())

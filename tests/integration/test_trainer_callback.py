@@ -102,7 +102,7 @@ def test_tokens_schedule_needs_token_counting(tmp_path):
     from olmoe_gatepro.pipelines.presets import TinyRunConfig
     from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 
-    trainer = Trainer(model=build_tiny_olmoe(TinyRunConfig(num_layers=1)), train_dataset=dataset(4),
+    trainer = Trainer(model=build_tiny_olmoe(TinyRunConfig(n_layers=1)), train_dataset=dataset(4),
                       args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
         GateProTrainerCallback.attach(trainer, GateProRunConfig(enabled=True, on_from_tokens=10))

@@ -13,7 +13,7 @@ from olmoe_gatepro import refresh_partners
 from olmoe_gatepro.transformers.patch import olmoe_routers
 from olmoe_gatepro.core.reference import reference_gatepro
 
-TINY = TinyRunConfig(hidden_size=32, num_layers=3, num_heads=2, num_experts=8, top_k=2, expert_hidden_size=16)
+TINY = TinyRunConfig(d_model=32, n_layers=3, n_heads=2, num_experts=8, top_k=2, expert_hidden_size=16)
 PENALTY = 0.05  # large enough to flip choices in a random tiny model, so the tests can fail
 
 
@@ -142,7 +142,7 @@ def test_recorded_router_logits_agree_with_chosen_experts():
     model = _model()
     patch_transformers(model=model, penalty=PENALTY)
     seen, output = _record_routing(model, _tokens(), output_router_logits=True)
-    assert len(output.router_logits) == TINY.num_layers
+    assert len(output.router_logits) == TINY.n_layers
     for recorded, (_, (_, _, chosen)) in zip(output.router_logits, seen):
         assert recorded.dtype == torch.float32
         assert torch.equal(torch.softmax(recorded, -1).topk(TINY.top_k, -1).indices, chosen)
@@ -194,7 +194,7 @@ def test_patched_router_compiles_without_graph_breaks():
     model = _model()
     patch_transformers(model=model, penalty=PENALTY)
     router = olmoe_routers(model)[0]
-    hidden = torch.randn(40, TINY.hidden_size)
+    hidden = torch.randn(40, TINY.d_model)
     explanation = torch._dynamo.explain(router)(hidden)
     assert explanation.graph_break_count == 0
     compiled = torch.compile(router, fullgraph=True, backend="aot_eager")
@@ -267,7 +267,7 @@ def test_router_outputs_keep_stock_dtypes(dtype):
     model = _model(dtype=dtype)
     patch_transformers(model=model, penalty=PENALTY)
     router = olmoe_routers(model)[0]
-    logits, weights, index = router(torch.randn(6, TINY.hidden_size, dtype=dtype))
+    logits, weights, index = router(torch.randn(6, TINY.d_model, dtype=dtype))
     assert logits.dtype == dtype and weights.dtype == dtype and index.dtype == torch.int64
 
 

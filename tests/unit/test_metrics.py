@@ -91,7 +91,7 @@ def test_transformers_router_recording_matches_the_plain_loop_reference(enabled)
     from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
     from olmoe_gatepro.transformers.patch import olmoe_routers
 
-    model = build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=8, top_k=3, hidden_size=32, num_heads=2))
+    model = build_tiny_olmoe(TinyRunConfig(n_layers=1, num_experts=8, top_k=3, d_model=32, n_heads=2))
     patch_transformers(model=model, penalty=0.05, enabled=enabled)
     try:
         router = olmoe_routers(model)[0]
