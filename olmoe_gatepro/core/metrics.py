@@ -1,4 +1,4 @@
-"""Expert-diversity metrics of the GatePro paper (Appendix C) and the GatePro flip rate.
+"""Expert-diversity metrics of the GatePro paper (Appendix C) and the routing counts the tallies sum.
 
 Similarity metrics take a router weight W of shape (N, d) and use S, the cosine similarity
 of its rows, in float64 (they are diagnostics, not on the hot path). Load metrics take the
@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from olmoe_gatepro.core.gatepro import gatepro_logits
 
 __all__ = [
     "cosine_similarity_matrix",
@@ -20,9 +19,7 @@ __all__ = [
     "average_angle_degrees",
     "spectral_entropy",
     "tokens_per_expert",
-    "zero_token_count",
-    "load_imbalance",
-    "flip_rate",
+    "load_metrics",
     "topk_set_changed",
     "router_weight_metrics",
     "partner_hits",
@@ -66,39 +63,16 @@ def tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.T
     return torch.bincount(expert_indices.reshape(-1).long(), minlength=num_experts)
 
 
-def zero_token_count(expert_indices: torch.Tensor, num_experts: int) -> int:
-    """How many experts received no token at all in this batch."""
-    return int((tokens_per_expert(expert_indices, num_experts) == 0).sum().item())
-
-
-def load_imbalance(expert_indices: torch.Tensor, num_experts: int) -> float:
-    """Max over mean of tokens per expert: 1.0 is perfectly balanced, N means one expert takes all."""
-    counts = tokens_per_expert(expert_indices, num_experts).double()
-    return (counts.max() / counts.mean()).item()
-
-
-def flip_rate(
-    logits: torch.Tensor,
-    router_weight: torch.Tensor,
-    top_k: int,
-    penalty: float = 1e-4,
-    *,
-    num_competitors: int = 1,
-    hard: bool = False,
-) -> float:
-    """Fraction of tokens whose top-k expert set differs with and without the GatePro penalty.
-
-    Args:
-        logits: (..., N) unpenalised router logits of a batch.
-        router_weight: (N, d), the router weight that produced them.
-        top_k: experts chosen per token.
-    """
-    plain = logits.detach().float()
-    penalised = gatepro_logits(
-        plain, router_weight, penalty, num_competitors=num_competitors, hard=hard
-    )
-    changed = topk_set_changed(plain.topk(top_k, dim=-1).indices, penalised.topk(top_k, dim=-1).indices)
-    return changed.double().mean().item()
+def load_metrics(counts: torch.Tensor) -> dict[str, float | int]:
+    """From (N,) tokens per expert: experts with no token, max / mean load (1.0: balanced), entropy of the load."""
+    counts = counts.double()
+    total = counts.sum()
+    load = counts[counts > 0] / total
+    return {
+        "zero_token_count": int((counts == 0).sum().item()),
+        "load_imbalance": (counts.max() / counts.mean()).item() if total else float("nan"),
+        "load_entropy": -(load * load.log()).sum().item() if total else float("nan"),
+    }
 
 
 def topk_set_changed(indices: torch.Tensor, other_indices: torch.Tensor) -> torch.Tensor:

@@ -54,3 +54,20 @@ def reference_margin_fraction(logits: torch.Tensor, top_k: int, penalty: float) 
         ordered = sorted(row.tolist(), reverse=True)
         below += (torch.tensor(ordered[top_k - 1]) - torch.tensor(ordered[top_k])).item() < penalty
     return below / rows.shape[0]
+
+
+def reference_load(chosen: torch.Tensor, num_experts: int) -> tuple[int, float]:
+    """(experts that received no token, max over mean of tokens per expert), counted in a loop."""
+    counts = [0] * num_experts
+    for expert in chosen.reshape(-1).tolist():
+        counts[expert] += 1
+    return sum(count == 0 for count in counts), max(counts) / (sum(counts) / num_experts)
+
+
+def reference_flip_rate(logits: torch.Tensor, router_weight: torch.Tensor, top_k: int, penalty: float) -> float:
+    """Fraction of tokens whose top-k expert set changes under ``reference_gatepro`` (sets compared as sets)."""
+    plain, penalised = logits.float().reshape(-1, logits.shape[-1]), reference_gatepro(logits, router_weight, penalty)
+    penalised = penalised.reshape(-1, logits.shape[-1])
+    changed = sum(set(a.topk(top_k).indices.tolist()) != set(b.topk(top_k).indices.tolist())
+                  for a, b in zip(plain, penalised))
+    return changed / plain.shape[0]

@@ -19,6 +19,7 @@ from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.core.metrics import (
     boundary_margins,
+    load_metrics,
     partner_coactivation_chance,
     partner_hits,
     router_weight_metrics,
@@ -149,8 +150,7 @@ def tally_metrics(router: nn.Module, tally: torch.Tensor) -> dict[str, float | i
     tokens = counted[TALLY_TOKENS]
     share = (lambda count: count / tokens) if tokens else (lambda count: float("nan"))
     return {
-        "zero_token_count": int((counts == 0).sum().item()),
-        "load_imbalance": (counts.max() / counts.mean()).item() if tokens else float("nan"),
+        **load_metrics(counts),
         "flip_rate": share(counted[TALLY_FLIPPED]),
         "partner_coactivation": share(counted[TALLY_PARTNER_HITS] / top_k),
         "partner_coactivation_chance": partner_coactivation_chance(num_experts, top_k),

@@ -160,7 +160,6 @@ class _LayerTally:
     def summary(self, layer: int) -> dict:
         counts = self.coactivation.diagonal().double()
         tokens = int(counts.sum().item()) // self.top_k
-        load = counts / counts.sum()
         margins = torch.cat(self.margins).double()
         finite = margins[margins.isfinite()]
         # numpy: torch.quantile refuses more than 2^24 values
@@ -169,9 +168,7 @@ class _LayerTally:
         return {
             "layer": layer,
             "expert_tokens": [int(count) for count in counts.tolist()],
-            "zero_token_count": int((counts == 0).sum().item()),
-            "load_imbalance": (counts.max() / counts.mean()).item(),
-            "load_entropy": -(load[load > 0] * load[load > 0].log()).sum().item(),
+            **metrics.load_metrics(counts),
             "partner_coactivation": self.hits / (tokens * self.top_k),
             "partner_coactivation_chance": metrics.partner_coactivation_chance(self.num_experts, self.top_k),
             "boundary_margin_quantiles": quantiles,

@@ -5,7 +5,7 @@ import torch
 
 from olmoe_gatepro import gatepro_logits
 from olmoe_gatepro.core import metrics
-from olmoe_gatepro.core.reference import reference_partners
+from olmoe_gatepro.core.reference import reference_flip_rate, reference_load, reference_partners
 
 
 def test_orthogonal_experts():
@@ -39,8 +39,10 @@ def test_pairwise_definitions_on_a_hand_case():
 def test_load_metrics():
     chosen = torch.tensor([[0, 1], [0, 2], [0, 1]])
     assert metrics.tokens_per_expert(chosen, 5).tolist() == [3, 2, 1, 0, 0]
-    assert metrics.zero_token_count(chosen, 5) == 2
-    assert metrics.load_imbalance(chosen, 5) == pytest.approx(3 / (6 / 5))
+    got = metrics.load_metrics(metrics.tokens_per_expert(chosen, 5))
+    assert got["zero_token_count"] == 2 == reference_load(chosen, 5)[0]
+    assert got["load_imbalance"] == pytest.approx(3 / (6 / 5)) == reference_load(chosen, 5)[1]
+    assert got["load_entropy"] == pytest.approx(-sum(p * math.log(p) for p in (3 / 6, 2 / 6, 1 / 6)))
 
 
 def test_flip_rate_counts_tokens_whose_topk_set_changes():
@@ -48,16 +50,17 @@ def test_flip_rate_counts_tokens_whose_topk_set_changes():
     # Token 0: expert 0 loses to 1 and sits 0.05 above expert 2 in the 2nd slot.
     # Token 1: expert 1 loses to 0 by a wide margin: only hard competition drops it.
     logits = torch.tensor([[1.05, 2.0, 1.0, 0.0], [3.0, 2.0, -5.0, -6.0]])
-    assert metrics.flip_rate(logits, weight, top_k=2, penalty=0.01) == 0.0
-    assert metrics.flip_rate(logits, weight, top_k=2, penalty=0.1) == 0.5
-    assert metrics.flip_rate(logits, weight, top_k=2, hard=True) == 1.0
+    assert reference_flip_rate(logits, weight, top_k=2, penalty=0.01) == 0.0
+    assert reference_flip_rate(logits, weight, top_k=2, penalty=0.1) == 0.5
+    hard = gatepro_logits(logits, weight, 0.0, hard=True).topk(2).indices
+    assert metrics.topk_set_changed(logits.topk(2).indices, hard).tolist() == [True, True]
 
 
 def test_flip_rate_agrees_with_gatepro_logits_on_random_data():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 8, generator=generator)
     logits = torch.randn(500, 16, generator=generator)
-    rate = metrics.flip_rate(logits, weight, top_k=4, penalty=0.3)
+    rate = reference_flip_rate(logits, weight, top_k=4, penalty=0.3)
     penalised = gatepro_logits(logits, weight, 0.3)
     changed = sum(
         set(logits[t].topk(4).indices.tolist()) != set(penalised[t].topk(4).indices.tolist())
@@ -108,6 +111,6 @@ def test_transformers_router_recording_matches_the_plain_loop_reference(enabled)
     assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, weight))
     assert got["partner_coactivation_chance"] == pytest.approx(2 / 7)
     assert got["margin_below_penalty"] == pytest.approx(reference_margin_fraction(logits, 3, 0.05))
-    assert got["flip_rate"] == pytest.approx(metrics.flip_rate(logits, weight, 3, 0.05))
-    assert got["zero_token_count"] == metrics.zero_token_count(chosen, 8)
+    assert got["flip_rate"] == pytest.approx(reference_flip_rate(logits, weight, 3, 0.05))
+    assert (got["zero_token_count"], got["load_imbalance"]) == pytest.approx(reference_load(chosen, 8))
     assert 0 < got["margin_below_penalty"] < 1 and got["partner_coactivation"] > 0 and got["flip_rate"] > 0
