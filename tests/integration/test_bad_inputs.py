@@ -287,3 +287,337 @@ def test_settings_json_mismatch_names_the_file(workdir, capsys):
     (run / "settings.json").write_text(json.dumps({"preset": "smoke"}))
     _refused(["reproduce", "--preset", "tiny", "--out", str(run)], capsys, "holds a run with other settings",
              "settings.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument.
+
+def _tiny_olmoe():
+    from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
+
+    return build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=4, top_k=2, hidden_size=16, num_heads=2,
+                                          expert_hidden_size=8))
+
+
+def _logits(*shape):
+    """Random logits (or weights) of ``shape``; no shape: a 0-dim tensor."""
+    import torch
+
+    return torch.randn(*shape) if shape else torch.tensor(0.5)
+
+
+def _call(name, *args, **kwargs):
+    import olmoe_gatepro
+
+    return lambda: getattr(olmoe_gatepro, name)(*args, **kwargs)
+
+
+def _attach(gatepro, trainer="trainer"):
+    from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
+
+    class Trainer:  # what attach reads of a transformers.Trainer
+        def add_callback(self, callback):
+            raise AssertionError("attached despite a bad argument")
+
+    return lambda: GateProTrainerCallback.attach(Trainer() if trainer == "trainer" else trainer, gatepro)
+
+
+def _config(cls="GateProConfig", **settings):
+    from olmoe_gatepro.core import config
+
+    return lambda: getattr(config, cls)(**settings)
+
+
+def _router_state(name, *args, **kwargs):
+    from olmoe_gatepro.core import router_state
+
+    return lambda: getattr(router_state, name)(*args, **kwargs)
+
+
+def _olmo_core_callback(**fields):
+    def make():
+        from olmoe_gatepro.olmo_core.callback import GateProCallback
+
+        GateProCallback(**fields)
+
+    return make
+
+
+def _run_config(**fields):
+    def make():
+        from olmoe_gatepro.core.config import GateProRunConfig
+
+        return GateProRunConfig(**fields)
+
+    return make
+
+
+API_CASES = {  # id: (call, error type, the message's start)
+    "patch_transformers model=str": (_call("patch_transformers", model="path"), TypeError,
+                                     "patch_transformers: model must be a torch.nn.Module; got 'path' (str) (load it"),
+    "patch_transformers config=dict": (_call("patch_transformers", config={"penalty": 1e-3}), TypeError,
+                                       "patch_transformers: config must be a GateProConfig (or None); got {'penalty'"),
+    "patch_transformers config=run config": (
+        lambda: _call("patch_transformers", config=_run_config(enabled=True)())(), TypeError,
+        "patch_transformers: config is a GateProRunConfig, whose schedule a patch does not run"),
+    "patch_transformers families=[1]": (_call("patch_transformers", families=["olmoe", 1]), TypeError,
+                                        "families must be a family name or a list of them"),
+    "patch_transformers families=[]": (_call("patch_transformers", families=[]), ValueError,
+                                       "families is empty: nothing would be patched"),
+    "patch_transformers families=typo": (_call("patch_transformers", families="olmo"), ValueError,
+                                         "unknown or unsupported family ['olmo']"),
+    "patch_transformers penalty=str": (_call("patch_transformers", penalty="1e-3"), TypeError,
+                                       "GateProConfig.penalty must be a Python number; got '1e-3' (str)"),
+    "patch_transformers hard=yes": (_call("patch_transformers", hard="yes"), TypeError,
+                                    "GateProConfig.hard must be True or False; got 'yes' (str)"),
+    "patch_transformers unknown setting": (_call("patch_transformers", penalti=1e-3), ValueError,
+                                           "unknown GatePro setting(s) ['penalti']"),
+    "unpatch_transformers model=str": (_call("unpatch_transformers", "path"), TypeError,
+                                       "unpatch_transformers: model must be a torch.nn.Module; got 'path'"),
+    "patch_olmo_core model=str": (_call("patch_olmo_core", model="path"), TypeError,
+                                  "patch_olmo_core: model must be a torch.nn.Module; got 'path' (str)"),
+    "patch_olmo_core config=str": (_call("patch_olmo_core", config="gatepro"), TypeError,
+                                   "patch_olmo_core: config must be a GateProConfig (or None); got 'gatepro'"),
+    "patch_olmo_core router_classes=class": (_call("patch_olmo_core", router_classes=int), TypeError,
+                                             "patch_olmo_core: router_classes must be a list of router classes"),
+    "patch_olmo_core router_classes=[int]": (_call("patch_olmo_core", router_classes=[int]), TypeError,
+                                             "patch_olmo_core: router_classes ['int'] have no get_expert_logits"),
+    "patch_olmo_core router_classes=[]": (_call("patch_olmo_core", router_classes=[]), ValueError,
+                                          "patch_olmo_core: router_classes is empty"),
+    "unpatch_olmo_core model=str": (_call("unpatch_olmo_core", "path"), TypeError,
+                                    "unpatch_olmo_core: model must be a torch.nn.Module; got 'path'"),
+    "set_gatepro(None)": (_call("set_gatepro", None, enabled=False), TypeError,
+                          "model must be a torch.nn.Module; got None (NoneType)"),
+    "set_gatepro unpatched model": (lambda: _call("set_gatepro", _tiny_olmoe(), enabled=False)(), RuntimeError,
+                                    "OlmoeForCausalLM has no GatePro-routed router: call"),
+    "gatepro_settings(str)": (lambda: _call("gatepro_settings", "model")().__enter__(), TypeError,
+                              "model must be a torch.nn.Module; got 'model' (str)"),
+    "refresh_partners(None)": (_call("refresh_partners", None), TypeError, "model must be a torch.nn.Module"),
+    "refresh_partners step=str": (lambda: _call("refresh_partners", _patched_tiny_olmoe(), "3")(), TypeError,
+                                  "step must be an int; got '3' (str)"),
+    "refresh_partners step<0": (lambda: _call("refresh_partners", _patched_tiny_olmoe(), -1)(), ValueError,
+                                "step must be an int >= 0; got -1"),
+    "begin_step enabled=str": (lambda: _router_state("begin_step", _patched_tiny_olmoe(), enabled="on", step=1,
+                                                     record=False)(), TypeError, "enabled must be True or False"),
+    "gatepro_logits 0-dim logits": (lambda: _call("gatepro_logits", _logits(), _logits(4, 3))(), ValueError,
+                                    "logits must have shape (..., N), one logit per expert; got a 0-dim tensor"),
+    "gatepro_logits logits=list": (lambda: _call("gatepro_logits", [[1.0, 2.0]], _logits(2, 3))(), TypeError,
+                                   "logits must be a torch.Tensor of shape (..., N); got list"),
+    "gatepro_logits int logits": (lambda: _call("gatepro_logits", _logits(3, 4).long(), _logits(4, 3))(), TypeError,
+                                  "logits must be a floating-point tensor of shape (..., N); got dtype torch.int64"),
+    "gatepro_logits weight=list": (lambda: _call("gatepro_logits", _logits(3, 2), [[1.0], [2.0]])(), TypeError,
+                                   "router_weight must be a torch.Tensor of shape (N, d); got list"),
+    "gatepro_logits partners out of range": (
+        lambda: _call("gatepro_logits", _logits(5, 4), None, partners=_partners([1, 2, 3, 9]))(), ValueError,
+        "partners must hold expert indices in [0, 3]; got 9"),
+    "gatepro_logits negative partner": (
+        lambda: _call("gatepro_logits", _logits(5, 4), None, partners=_partners([1, -1, 3, 0]))(), ValueError,
+        "partners must hold expert indices in [0, 3]; got -1"),
+    "gatepro_logits float partners": (
+        lambda: _call("gatepro_logits", _logits(5, 4), None, partners=_partners([1, 2, 3, 0]).float())(), TypeError,
+        "partners must be an int64 (or int32) tensor"),
+    "gatepro_logits partners=list": (lambda: _call("gatepro_logits", _logits(5, 4), None, partners=[1, 2, 3, 0])(),
+                                     TypeError, "partners must be a torch.Tensor"),
+    "gatepro_logits partners wrong N": (
+        lambda: _call("gatepro_logits", _logits(5, 4), None, partners=_partners([1, 0]))(), ValueError,
+        "partners must have shape (N,) or (N, m) with N=4; got (2,)"),
+    "gatepro_logits hard=yes": (lambda: _call("gatepro_logits", _logits(5, 4), _logits(4, 3), hard="yes")(), TypeError,
+                                "hard must be True or False; got 'yes' (str)"),
+    "gatepro_logits penalty=tensor": (lambda: _call("gatepro_logits", _logits(5, 4), _logits(4, 3), _logits())(),
+                                      TypeError, "penalty (lambda) must be a Python number"),
+    "gatepro_logits penalty=nan": (lambda: _call("gatepro_logits", _logits(5, 4), _logits(4, 3), float("nan"))(),
+                                   ValueError, "penalty (lambda) must be finite and >= 0; got nan"),
+    "gatepro_logits neither weight nor partners": (lambda: _call("gatepro_logits", _logits(5, 4), None)(), ValueError,
+                                                   "gatepro_logits needs router_weight or partners; both are None"),
+    "competition_partners m=1.0": (lambda: _call("competition_partners", _logits(4, 3), 1.0)(), TypeError,
+                                   "num_competitors (N = 4 experts) must be an int; got 1.0 (float)"),
+    "competition_partners m=N": (lambda: _call("competition_partners", _logits(4, 3), 4)(), ValueError,
+                                 "num_competitors (N = 4 experts) must be an int in [1, 3]; got 4"),
+    "competition_partners int weight": (lambda: _call("competition_partners", _logits(4, 3).long())(), TypeError,
+                                        "router_weight must be a floating-point tensor of shape (N, d)"),
+    "GateProConfig enabled=1": (_config(enabled=1), TypeError, "GateProConfig.enabled must be True or False; got 1"),
+    "GateProConfig penalty=str": (_config(penalty="1e-4"), TypeError, "GateProConfig.penalty must be a Python number"),
+    "GateProConfig penalty=inf": (_config(penalty=float("inf")), ValueError,
+                                  "GateProConfig.penalty must be finite and >= 0; got inf"),
+    "GateProConfig m=0": (_config(num_competitors=0), ValueError, "GateProConfig.num_competitors must be an int >= 1"),
+    "GateProConfig refresh=2.5": (_config(partner_refresh_steps=2.5), TypeError,
+                                  "GateProConfig.partner_refresh_steps must be an int; got 2.5"),
+    "GateProConfig.replace typo": (lambda: _config()().replace(penalti=1), ValueError,
+                                   "unknown GatePro setting(s) ['penalti']"),
+    "GateProRunConfig on_from_tokens=None": (_config("GateProRunConfig", on_from_tokens=None), TypeError,
+                                             "GateProRunConfig.on_from_tokens must be an int; got None"),
+    "GateProRunConfig off<=on": (_config("GateProRunConfig", on_from_steps=5, off_after_steps=5), ValueError,
+                                 "off_after_steps must be None or an int > on_from_steps (5); got 5"),
+    "GateProRunConfig tokens and steps": (_config("GateProRunConfig", on_from_tokens=5, off_after_steps=9), ValueError,
+                                          "give the GatePro schedule in tokens or in steps, not both"),
+    "GateProRunConfig.active_at(str)": (lambda: _run_config(enabled=True)().active_at("10"), TypeError,
+                                        "trained (tokens) must be an int; got '10' (str)"),
+    "GateProRunConfig.router_config(-1)": (lambda: _run_config(enabled=True)().router_config(-1), ValueError,
+                                           "trained (tokens) must be an int >= 0; got -1"),
+    "attach(trainer, GateProConfig())": (lambda: _attach(_config()())(), TypeError,
+                                         "GateProTrainerCallback.attach: gatepro must be a GateProRunConfig; got "
+                                         "GateProConfig("),
+    "attach(str, run config)": (lambda: _attach(_run_config()(), trainer="trainer.pt")(), TypeError,
+                                "GateProTrainerCallback.attach: trainer must be a transformers.Trainer"),
+    "GateProCallback(gatepro=dict)": (_olmo_core_callback(gatepro={"enabled": True}), TypeError,
+                                      "GateProCallback.gatepro must be a GateProRunConfig; got {'enabled': True}"),
+    "GateProCallback metrics_interval=0": (lambda: _olmo_core_callback(gatepro=_run_config()(), metrics_interval=0)(),
+                                           ValueError, "GateProCallback.metrics_interval must be an int >= 1; got 0"),
+    "GateProCallback metrics_file=path": (lambda: _olmo_core_callback(gatepro=_run_config()(),
+                                                                      metrics_file="a/b.jsonl")(),
+                                          ValueError, "GateProCallback.metrics_file must be a file name"),
+}
+
+
+def _partners(values):
+    import torch
+
+    return torch.tensor(values)
+
+
+def _patched_tiny_olmoe():
+    from olmoe_gatepro import patch_transformers
+
+    model = _tiny_olmoe()
+    patch_transformers(model=model, partner_refresh_steps=2)
+    return model
+
+
+@pytest.fixture
+def unpatched():
+    import olmoe_gatepro
+
+    olmoe_gatepro.unpatch()
+    yield
+    olmoe_gatepro.unpatch()
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_python_api_names_the_argument(case, unpatched):
+    call, error, message = API_CASES[case]
+    with pytest.raises(error) as raised:
+        call()
+    assert type(raised.value) is error  # TypeError for types, ValueError for values: not a subclass of either
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_families_given_as_one_name_is_that_family(unpatched):
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+
+    from olmoe_gatepro import patch_transformers
+
+    patch_transformers(families="olmoe", penalty=0.25)
+    assert OlmoeTopKRouter._gatepro.penalty == 0.25 and "_gatepro" not in MixtralTopKRouter.__dict__
+
+
+def test_api_checks_add_no_graph_break_with_a_partner_table(unpatched):
+    """The routers' hot path with cached partners (no value check there) compiles whole."""
+    import torch
+
+    from olmoe_gatepro.transformers.patch import olmoe_routers
+
+    model = _patched_tiny_olmoe()
+    router = olmoe_routers(model)[0]
+    hidden = torch.randn(12, 16)
+    assert torch._dynamo.explain(router)(hidden).graph_break_count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment variables.
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("OLMOE_GATEPRO_PENALTY", "nan", "environment variable OLMOE_GATEPRO_PENALTY='nan': penalty must be finite and >= 0"),
+    ("OLMOE_GATEPRO_PENALTY", "-inf", "environment variable OLMOE_GATEPRO_PENALTY='-inf': penalty must be finite"),
+    ("OLMOE_GATEPRO_PENALTY", "1e-4x", "environment variable OLMOE_GATEPRO_PENALTY='1e-4x' is not a valid float"),
+    ("OLMOE_GATEPRO_NUM_COMPETITORS", "0", "environment variable OLMOE_GATEPRO_NUM_COMPETITORS='0': num_competitors must"),
+    ("OLMOE_GATEPRO_NUM_COMPETITORS", "1.5", "OLMOE_GATEPRO_NUM_COMPETITORS='1.5' is not a valid int"),
+    ("OLMOE_GATEPRO_HARD", "maybe", "environment variable OLMOE_GATEPRO_HARD='maybe': expected one of"),
+])
+def test_bad_environment_values_name_the_variable(workdir, capsys, monkeypatch, variable, value, message):
+    monkeypatch.setenv("OLMOE_GATEPRO", "1")
+    monkeypatch.setenv(variable, value)
+    _refused(["compare", "a", "b"], capsys, message)
+
+
+KNOWN = "(known: OLMOE_GATEPRO, OLMOE_GATEPRO_PENALTY, OLMOE_GATEPRO_NUM_COMPETITORS, OLMOE_GATEPRO_HARD)"
+
+
+@pytest.mark.parametrize("variable, suggestion", [
+    ("OLMOE_GATEPRO_PENALTI", "; did you mean OLMOE_GATEPRO_PENALTY?"),
+    ("OLMOE_GATEPRO_NUM_COMPETITOR", "; did you mean OLMOE_GATEPRO_NUM_COMPETITORS?"),
+    ("OLMOE_GATEPRO_ENABLED", ""),
+])
+def test_a_misspelt_variable_is_warned_about_once(monkeypatch, variable, suggestion):
+    from olmoe_gatepro import env_activation
+
+    monkeypatch.setattr(env_activation, "_warned", set())
+    environ = {"OLMOE_GATEPRO": "1", variable: "0.5"}
+    with pytest.warns(UserWarning) as warned:
+        assert env_activation.config_from_env(environ).penalty == 1e-4  # ignored, not guessed
+        env_activation.config_from_env(environ)  # every router import reads it again: still one warning
+    assert [str(warning.message) for warning in warned] == [
+        f"environment variable {variable} is not one olmoe-gatepro reads{suggestion} {KNOWN}; it is ignored"]
+
+
+def test_a_misspelt_variable_is_warned_about_in_an_unmodified_script():
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OLMOE_GATEPRO")},
+           "OLMOE_GATEPRO": "1", "OLMOE_GATEPRO_PENALTI": "1e-3"}
+    code = "import olmo_core.nn.moe.router, transformers.models.olmoe.modeling_olmoe"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("OLMOE_GATEPRO_PENALTI is not one olmoe-gatepro reads; did you mean "
+                               "OLMOE_GATEPRO_PENALTY?") == 1, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run config files (YAML) and their overrides: a ConfigError naming the file and the key or line.
+
+YAML_CASES = {  # id: (file bytes, overrides, texts the error line holds)
+    "integer key beside an unknown key": (b"name: x\n1: 2\nfoo: 3\n", [],
+                                          ["child.yaml: top level: the key 1 is not a name; known keys here: name,"]),
+    "integer key in a section": (b"name: x\nmodel:\n  1: 2\n", [],
+                                 ["child.yaml: model: the key 1 is not a name; known keys here: d_model,"]),
+    "not UTF-8": (b"name: x\nmodel:\n  block: \xff\xfe\n", [],
+                  ["child.yaml, line 3: not UTF-8 text (byte 0xff); save the config as UTF-8"]),
+    "null section plus an override of it": (b"name: x\noptim: null\n", ["--optim.lr=1e-3"],
+                                            ["child.yaml: override --optim.lr=1e-3: optim is null in the config, "
+                                             "not a mapping"]),
+    "list section plus an override of it": (b"name: x\nmodel: [1, 2]\n", ["--model.d_model=8"],
+                                            ["child.yaml: override --model.d_model=8: model is [1, 2] in the config"]),
+    "a key given twice": (b"name: x\nmodel: {d_model: 8}\nname: y\n", [],
+                          ["child.yaml, line 3: not valid YAML (the key 'name' is given twice in one mapping)"]),
+    "a key given twice in an override": (b"name: x\n", ["--model={d_model: 8, d_model: 16}"],
+                                         ["override --model={d_model: 8, d_model: 16}: the value is not valid YAML "
+                                          "(the key 'd_model' is given twice"]),
+    "a tab": (b"name: x\n\tmodel: {}\n", [], ["child.yaml, line 2: not valid YAML (found character '\\t'"]),
+    "a Python tag": (b"name: !!python/object/apply:os.system [echo]\n", [],
+                     ["child.yaml, line 1: not valid YAML (could not determine a constructor"]),
+    "an unhashable key": (b"name: x\n? [a, b]\n: 1\n", [], ["child.yaml, line 2: not valid YAML (found unhashable key)"]),
+    "an empty file": (b"", [], ["child.yaml: expected a mapping at the top level, got None"]),
+    "a seed beyond 64 bits": (b"name: x\n", ["--train.seed=99999999999999999999999"],
+                              ["train.seed: 99999999999999999999999 does not fit a 64-bit integer"]),
+    "a sequence length beyond 64 bits": (b"name: x\ntrain: {sequence_length: 99999999999999999999999}\n", [],
+                                         ["child.yaml: train.sequence_length: 99999999999999999999999 does not fit"]),
+    "an override of a key inside a value": (b"name: x\n", ["--optim.betas.0=0.5"],
+                                            ["unrecognized argument '--optim.betas.0=0.5'"]),
+    "an override of a key inside a value, in code": (b"name: x\n", ["--optim.betas.first=0.5"],
+                                                      ["child.yaml: override --optim.betas.first: 'betas' is not a "
+                                                       "section"]),
+    "an override without a key": (b"name: x\n", ["--=5"], ["--=5"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_train_config_edge_cases(workdir, capsys, case):
+    text, overrides, expected = YAML_CASES[case]
+    (workdir / "child.yaml").write_bytes(text)
+    before = _snapshot(workdir)
+    _refused(["train", str(workdir / "child.yaml"), *overrides, "--dry-run"], capsys, *expected)
+    assert _snapshot(workdir) == before
+
+
+def test_a_not_utf8_inherited_file_is_named(workdir, capsys):
+    (workdir / "base.yaml").write_bytes(b"name: base\n# caf\xe9\n")
+    _write_config(workdir, "child.yaml", "inherit: base.yaml\nname: x\n")
+    _refused(["train", str(workdir / "child.yaml"), "--dry-run"], capsys, "base.yaml, line 2: not UTF-8 text (byte 0xe9)")
