@@ -2,17 +2,20 @@
 
 Each document's token ids are followed by the EOS id, as in Dolma's pre-tokenised data that
 OLMo-core's ``NumpyFSLDataset`` reads. Inputs: ``.jsonl`` / ``.jsonl.gz`` files (one document
-per line, under the key ``text``) or any other file (one document per file). Shards are
-written to ``<name>.partial`` and renamed when complete, so an interrupted run leaves no
+per line, under the key ``text``) or any other file (one document per file), all UTF-8. Shards
+are written atomically (``jsonl.atomic_file``), so an interrupted run or a full disk leaves no
 half-written shard behind.
 """
 
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+from olmoe_gatepro.jsonl import atomic_file, read_text
 
 __all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
            "write_token_files"]
@@ -101,20 +104,30 @@ def hf_tokenizer(name: str, eos_token_id: int, pad_token_id: int):
 
 
 def iter_documents(path: str) -> Iterator[str]:
-    """The documents of one input file (see the module docstring)."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+    """The documents of one input file (see the module docstring); errors name the file and line."""
+    if not path.endswith((".jsonl", ".jsonl.gz")):
+        yield read_text(path)
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                                     "cannot be decoded)") from None
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)["text"]
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ValueError(f"{path}, line {number}: expected a JSON object with a 'text' key") from None
-        return
-    with open(path, encoding="utf-8") as file:
-        yield file.read()
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}, line {number}: 'text' must be a string; got {type(text).__name__}")
+                yield text
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a complete gzip file ({error or 'cut short'})") from None
 
 
 def document_token_ids(documents: Iterable[str], tokenizer, limit: int) -> list[int]:
@@ -181,11 +194,8 @@ def write_token_files(
 
     def flush() -> None:
         path = os.path.join(out_dir, f"part-{len(written):05d}.npy")
-        with open(f"{path}.partial", "wb") as file:
+        with atomic_file(path, binary=True) as file:
             np.asarray(buffer, dtype=DTYPES[dtype]).tofile(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(f"{path}.partial", path)
         written.append(path)
         buffer.clear()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.checkpoints import cannot_load
+from olmoe_gatepro.checkpoints import cannot_load, check_model_files
 from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
@@ -105,6 +105,7 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     final = os.path.join(out_dir, "hf")
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists: this arm is done; choose another --out")
+    check_model_files(spec.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision,

@@ -1,8 +1,10 @@
 """Every command, fed bad input: exit code 2, one line naming the value and where it came from,
 no traceback, and nothing written or lost."""
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -140,7 +142,8 @@ def test_reproduce(workdir, capsys):
     run = workdir / "run"
     run.mkdir()
     (run / "settings.json").write_text("{cut short")
-    _refused(["reproduce", "--preset", "tiny", "--out", str(run)], capsys, "settings.json is not readable JSON")
+    _refused(["reproduce", "--preset", "tiny", "--out", str(run)], capsys,
+             "settings.json, line 1, column 2: not valid JSON (Expecting property name enclosed in double quotes); remove it")
     assert (run / "settings.json").read_text() == "{cut short"  # the user's file is left alone
 
 
@@ -621,3 +624,329 @@ def test_a_not_utf8_inherited_file_is_named(workdir, capsys):
     (workdir / "base.yaml").write_bytes(b"name: base\n# caf\xe9\n")
     _write_config(workdir, "child.yaml", "inherit: base.yaml\nname: x\n")
     _refused(["train", str(workdir / "child.yaml"), "--dry-run"], capsys, "base.yaml, line 2: not UTF-8 text (byte 0xe9)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files the project reads: text that is not UTF-8, or lines that are not JSON, named by file and line.
+
+def _result_folder(folder, samples: bytes | None = None, result: bytes | None = None):
+    """A run folder with a one-task result (and its per-item file) that load_result accepts."""
+    from olmoe_gatepro.evaluation.results import write_evaluation
+
+    record = {"schema": "olmoe-gatepro-result/1", "label": "a", "suite": "lm-eval",
+              "tasks": {"copa": {"score": 0.5, "stderr": None, "samples": 2, "metric": "acc"}}}
+    from olmoe_gatepro.evaluation.results import SCHEMA
+
+    record["schema"] = SCHEMA
+    path = write_evaluation(str(folder), "lm-eval", record, [{"task": "copa", "item": "0", "correct": True},
+                                                              {"task": "copa", "item": "1", "correct": False}])
+    samples_file = os.path.join(str(folder), sorted(set(os.listdir(folder)) - {os.path.basename(path)})[0])
+    if samples is not None:
+        with open(samples_file, "wb") as file:
+            file.write(samples)
+    if result is not None:
+        with open(path, "wb") as file:
+            file.write(result)
+    return path, samples_file
+
+
+def _read_records(path):
+    from olmoe_gatepro.jsonl import read_records
+
+    return read_records(path)
+
+
+def _load_samples(folder):
+    from olmoe_gatepro.evaluation.results import load_result, load_samples
+
+    return load_samples(load_result(str(folder)))
+
+
+def _documents(path):
+    from olmoe_gatepro.data import iter_documents
+
+    return list(iter_documents(path))
+
+
+READER_CASES = {  # id: (file name, bytes, reader, message (after the path))
+    "records not UTF-8": ("m.jsonl", b'{"step": 1}\n{"step": "\xff"}\n', _read_records,
+                          ", line 2: not UTF-8 text (byte 0xff cannot be decoded)"),
+    "records garbled line": ("m.jsonl", b'{"step": 1}\n{"step": 2,,}\n{"step": 3}\n', _read_records,
+                             ", line 2: not a JSON record (Expecting property name enclosed in double quotes, column 12)"),
+    "records not objects": ("m.jsonl", b'[1, 2]\n', _read_records, ", line 1: expected a JSON object, got list"),
+    "text not UTF-8": ("doc.txt", b"caf\xc3\xa9\nna\xefve\n", _documents, ", line 2: not UTF-8 text (byte 0xef"),
+    "jsonl documents not UTF-8": ("d.jsonl", b'{"text": "a"}\n{"text": "\xe9"}\n', _documents,
+                                  ", line 2: not UTF-8 text (byte 0xe9"),
+    "jsonl documents garbled": ("d.jsonl", b'{"text": "a"}\n{"text": \n', _documents,
+                                ", line 2: expected a JSON object with a 'text' key"),
+    "jsonl document text not a string": ("d.jsonl", b'{"text": 5}\n', _documents,
+                                         ", line 1: 'text' must be a string; got int"),
+    "gzip cut short": ("d.jsonl.gz", None, _documents, ": not a complete gzip file"),
+    "gzip that is not gzip": ("d.jsonl.gz", b"plain text, not gzip\n", _documents, ": not a complete gzip file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READER_CASES))
+def test_file_readers_name_the_file_and_line(tmp_path, case):
+    import gzip
+
+    name, content, read, message = READER_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else gzip.compress(b'{"text": "a"}\n' * 50)[:30])
+    with pytest.raises(ValueError) as raised:
+        read(str(path))
+    assert str(raised.value).startswith(str(path) + message), str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("samples, message", [
+    (b'{"task": "copa", "item": "0", "correct": true}\n{"task": "copa", "item": "\xff", "correct": false}\n',
+     ", line 2: not UTF-8 text (byte 0xff"),
+    (b'{"task": "copa", "item": "0", "correct": true}\n{"task": "copa"\n', ', line 2: expected {"task", "item", "correct"}'),
+])
+def test_per_item_files_name_the_file_and_line(tmp_path, samples, message):
+    _, samples_file = _result_folder(tmp_path, samples=samples)
+    with pytest.raises(ValueError) as raised:
+        _load_samples(tmp_path)
+    assert str(raised.value).startswith(samples_file + message), str(raised.value)
+
+
+@pytest.mark.parametrize("result, message", [
+    (b'{"schema": "caf\xe9"}', ", line 1: not UTF-8 text (byte 0xe9"),
+    (b'{\n  "schema": 1,\n  "label" "a"\n}', ", line 3, column 11: not valid JSON (Expecting ':' delimiter)"),
+])
+def test_compare_names_a_result_file_that_is_not_utf8_or_json(workdir, capsys, result, message):
+    path, _ = _result_folder(workdir / "run", result=result)
+    _refused(["compare", str(workdir / "run"), str(workdir / "run"), "--out", "out"], capsys, path + message)
+    assert not os.path.exists("out")
+
+
+def test_a_resumed_metrics_file_with_a_garbled_line_is_named_and_kept(tmp_path):
+    from olmoe_gatepro.jsonl import drop_after_step
+
+    path = tmp_path / "gatepro_metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"no step": 2}\n')
+    with pytest.raises(ValueError, match=r"gatepro_metrics.jsonl, line 2: expected a record with an integer 'step'"):
+        drop_after_step(str(path), 1)
+    assert path.read_bytes() == b'{"step": 1}\n{"no step": 2}\n'
+
+
+def test_rerun_with_other_settings_names_the_differing_keys(tmp_path):
+    from olmoe_gatepro.jsonl import check_recorded_settings, write_text_atomically
+
+    path = tmp_path / "preset.json"
+    write_text_atomically(str(path), json.dumps({"grid": {"penalty": [1e-4, 1e-3], "steps": 40}, "seeds": [0, 1]}))
+    check_recorded_settings(str(path), {"grid": {"penalty": (1e-4, 1e-3), "steps": 40}, "seeds": [0, 1]}, "--out x")
+    with pytest.raises(ValueError) as raised:
+        check_recorded_settings(str(path), {"grid": {"penalty": [1e-4], "steps": 40}, "seeds": [0, 1], "new": 1},
+                                "--out x")
+    assert str(raised.value) == (
+        f"--out x holds a run with other settings ({path}): grid.penalty (recorded [0.0001, 0.001], now [0.0001]), "
+        "new (recorded '<unset>', now 1) differ; rerun with the recorded settings, or use another folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged model files: one line naming the file.
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, checkpoint):
+    """A copy of the tiny Hugging Face checkpoint to damage."""
+    import shutil
+
+    def copy(name):
+        folder = tmp_path_factory.mktemp("damaged") / name
+        shutil.copytree(checkpoint, folder)
+        return folder
+
+    return copy
+
+
+def _damage(folder, how):
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    if how == "cut in half":
+        os.truncate(weights, size // 2)
+    elif how == "cut to 5 bytes":
+        os.truncate(weights, 5)
+    elif how == "random bytes":
+        weights.write_bytes(os.urandom(size))
+    elif how == "config not JSON":
+        (folder / "config.json").write_text("{not json")
+    return weights if how != "config not JSON" else folder / "config.json"
+
+
+DAMAGE = {
+    "cut in half": "model.safetensors is cut short: ",
+    "cut to 5 bytes": "model.safetensors: not a complete safetensors file (5 bytes",
+    "random bytes": "model.safetensors: not a complete safetensors file",
+    "config not JSON": "config.json, line 1, column 2: not valid JSON",
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_inspect_names_a_damaged_model_file(workdir, capsys, hf_folder, how):
+    folder = hf_folder(how.replace(" ", "-"))
+    damaged = _damage(folder, how)
+    _refused(["inspect", str(folder), "--text", "a-file", "--max-tokens", "8", "--out", "out"], capsys,
+             f"{os.path.dirname(damaged)}/{DAMAGE[how]}")
+    assert not os.path.exists("out")
+
+
+@pytest.mark.parametrize("how", ["cut in half", "random bytes"])
+def test_the_library_loaders_name_a_cut_short_weight_file(hf_folder, how):
+    """eval (both suites) and continue check the weights before loading them."""
+    from olmoe_gatepro.evaluation.lm_eval_suite import evaluate
+    from olmoe_gatepro.evaluation.olmo_in_loop_suite import evaluate_in_loop
+
+    folder = hf_folder("loaders-" + how.replace(" ", "-"))
+    damaged = _damage(folder, how)
+    for load in (lambda: evaluate(str(folder), label="a", tasks=("copa",), limit=1),
+                 lambda: evaluate_in_loop(str(folder), label="a", tasks=("copa",), limit=1)):
+        with pytest.raises(ValueError, match=re.escape(f"{damaged}{DAMAGE[how].removeprefix('model.safetensors')}")):
+            load()
+
+
+@pytest.fixture(scope="module")
+def olmo_core_checkpoint(tmp_path_factory):
+    """A save folder with one tiny OLMo-core checkpoint (step3), as training leaves it, and its run config."""
+    from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
+
+    enable_cpu_moe()
+    from olmo_core.distributed.checkpoint import save_model_and_optim_state
+
+    from olmoe_gatepro.olmo_core.run_config import load_run_config
+    from olmoe_gatepro.olmo_core.train import build_transformer_config
+
+    folder = tmp_path_factory.mktemp("olmo-core") / "run"
+    run = load_run_config(TINY_CONFIG, ["--model.d_model=16", "--model.n_layers=1", "--model.n_heads=2",
+                                        "--model.num_experts=4", "--model.top_k=2", "--model.expert_hidden_size=8"])
+    model = build_transformer_config(run.model).build(init_device="cpu").eval()
+    save_model_and_optim_state(str(folder / "step3" / "model_and_optim"), model)
+    return str(folder), run
+
+
+def _damaged_checkpoint(tmp_path, olmo_core_checkpoint, how):
+    import shutil
+
+    source, run = olmo_core_checkpoint
+    folder = tmp_path / "run"
+    shutil.copytree(source, folder)
+    data = folder / "step3" / "model_and_optim"
+    shards = sorted(name for name in os.listdir(data) if name.endswith(".distcp"))
+    if how == "index cut short":
+        os.truncate(data / ".metadata", 100)
+        return data / ".metadata"
+    shard = data / shards[-1]
+    if how == "shard cut short":
+        os.truncate(shard, 10)
+    elif how == "shard missing":
+        shard.unlink()
+    elif how == "shard overwritten":
+        shard.write_bytes(os.urandom(shard.stat().st_size))
+    return shard
+
+
+CHECKPOINT_DAMAGE = {
+    "index cut short": ": not a readable checkpoint index (pickle data was truncated)",
+    "shard cut short": " is cut short: 10 bytes where its .metadata needs ",
+    "shard missing": " is missing (its .metadata lists it)",
+    "shard overwritten": " is damaged: a tensor in it does not load (",
+}
+
+
+@pytest.mark.parametrize("how", sorted(CHECKPOINT_DAMAGE))
+def test_convert_names_the_damaged_checkpoint_file(workdir, capsys, olmo_core_checkpoint, how):
+    import dataclasses
+
+    damaged = _damaged_checkpoint(workdir, olmo_core_checkpoint, how)
+    config = workdir / "run.yaml"
+    config.write_text(json.dumps(dataclasses.asdict(olmo_core_checkpoint[1])))  # JSON is YAML
+    _refused(["convert", str(workdir / "run" / "step3"), "--out", "hf", "--config", str(config)], capsys,
+             f"checkpoint file {damaged}{CHECKPOINT_DAMAGE[how]}")
+    assert not os.path.exists("hf") and not os.path.exists("hf.partial")
+
+
+def test_convert_with_the_wrong_config_says_so(workdir, capsys, olmo_core_checkpoint):
+    source, _ = olmo_core_checkpoint
+    _refused(["convert", f"{source}/step3", "--out", "hf", "--config", TINY_CONFIG], capsys,
+             f"checkpoint {source}/step3/model_and_optim does not load into the model of the run config (Size mismatch")
+    assert not os.path.exists("hf") and not os.path.exists("hf.partial")
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: the error names the path and says the disk is full; nothing half-written is left
+# and nothing already written is lost. A small tmpfs is the full disk (skipped where it cannot be mounted).
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, mounted for the test."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _fill(folder):
+    """Fill the disk of ``folder`` up."""
+    with open(folder / "filler", "wb", buffering=0) as file:
+        with contextlib.suppress(OSError):
+            while True:
+                file.write(b"x" * 4096)
+
+
+def _leftovers(folder):
+    return sorted(name for name in os.listdir(folder) if "partial" in name)
+
+
+def test_a_full_disk_keeps_the_previous_file_whole(small_disk):
+    from olmoe_gatepro.jsonl import FileWriteError, write_text_atomically
+
+    path = small_disk / "table.md"
+    write_text_atomically(str(path), "the earlier table\n")
+    with pytest.raises(FileWriteError) as raised:
+        write_text_atomically(str(path), "x" * 200_000)
+    assert str(raised.value) == f"{path}: cannot write: the disk is full; nothing half-written was left"
+    assert path.read_text() == "the earlier table\n" and _leftovers(small_disk) == []
+
+
+def test_a_full_disk_cuts_a_failed_append_back(small_disk):
+    from olmoe_gatepro.jsonl import FileWriteError, append_record, read_records
+
+    path = small_disk / "gatepro_metrics.jsonl"
+    append_record(str(path), {"step": 1})
+    before = path.read_bytes()
+    _fill(small_disk)
+    with pytest.raises(FileWriteError, match="gatepro_metrics.jsonl: cannot write: the disk is full"):
+        append_record(str(path), {"step": 2, "layers": ["x" * 100] * 200})  # 20 kB: part of it fits the last page
+    assert path.read_bytes() == before and read_records(str(path)) == [{"step": 1}]
+
+
+def test_a_full_disk_during_a_plot_leaves_no_partial_png(small_disk):
+    import matplotlib.pyplot as plt
+
+    from olmoe_gatepro.evaluation.plots import save_figure
+    from olmoe_gatepro.jsonl import FileWriteError
+
+    _fill(small_disk)
+    figure = plt.figure()
+    figure.gca().plot(range(1000))
+    with pytest.raises(FileWriteError, match="curves.png: cannot write: the disk is full"):
+        save_figure(figure, str(small_disk / "curves.png"))
+    assert _leftovers(small_disk) == [] and not (small_disk / "curves.png").exists()
+
+
+def test_prepare_data_on_a_full_disk_keeps_the_shards_written_and_leaves_no_partial(small_disk, tmp_path, capsys):
+    text = tmp_path / "text.jsonl"  # 8 shards of 12 000 tokens (24 kB): the first two fit, the third does not
+    text.write_text("".join(json.dumps({"text": "x" * 11_999}) + "\n" for _ in range(8)))
+    out = small_disk / "tokens"
+    _refused(["prepare-data", str(text), "--out", str(out), "--tokens-per-file", "12000"], capsys,
+             "tokens/part-00002.npy: cannot write: the disk is full; nothing half-written was left")
+    assert sorted(os.listdir(out)) == ["part-00000.npy", "part-00001.npy"]
+    assert all(os.path.getsize(out / name) == 24_000 for name in os.listdir(out))  # each one whole
+    assert _leftovers(out) == []
