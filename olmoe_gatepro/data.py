@@ -2,7 +2,7 @@
 
 Each document's token ids are followed by the EOS id, as in Dolma's pre-tokenised data that
 OLMo-core's ``NumpyFSLDataset`` reads. Inputs: ``.jsonl`` / ``.jsonl.gz`` files (one document
-per line, under the key ``text``) or any other file (one document per file).
+per line, under the key ``text``) or any other file (one document per file), all UTF-8.
 
 ``write_token_files`` works in units: runs of consecutive input files of at least
 ``UNIT_BYTES_PER_TOKEN`` x ``tokens_per_file`` bytes on disk (a large file is a unit alone),
@@ -16,16 +16,20 @@ a run that was interrupted resumes from the units the manifest lists.
 """
 
 import glob
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from olmoe_gatepro.jsonl import atomic_file, read_text
 
 __all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
            "MANIFEST_FILE", "write_token_files", "TokenFilesCheck", "check_token_files"]
@@ -114,20 +118,30 @@ def hf_tokenizer(name: str, eos_token_id: int, pad_token_id: int):
 
 
 def iter_documents(path: str) -> Iterator[str]:
-    """The documents of one input file (see the module docstring)."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+    """The documents of one input file (see the module docstring); errors name the file and line."""
+    if not path.endswith((".jsonl", ".jsonl.gz")):
+        yield read_text(path)
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                                     "cannot be decoded)") from None
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)["text"]
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ValueError(f"{path}, line {number}: expected a JSON object with a 'text' key") from None
-        return
-    with open(path, encoding="utf-8") as file:
-        yield file.read()
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}, line {number}: 'text' must be a string; got {type(text).__name__}")
+                yield text
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a complete gzip file ({error or 'cut short'})") from None
 
 
 def document_token_ids(documents: Iterable[str], tokenizer, limit: int) -> list[int]:
@@ -186,12 +200,10 @@ def _plan_units(sizes: list[int], tokens_per_file: int) -> list[list[int]]:
 
 
 def _write_shard(path: str, ids: list[int], dtype: str) -> dict:
-    """``ids`` as raw ``dtype`` to ``path`` (fsynced); its token count and SHA-256."""
+    """``ids`` as raw ``dtype`` to ``path`` (atomically, fsynced); its token count and SHA-256."""
     data = np.asarray(ids, dtype=DTYPES[dtype]).tobytes()
-    with open(path, "wb") as file:
+    with atomic_file(path, binary=True) as file:
         file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
     return {"tokens": len(ids), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -207,18 +219,24 @@ def _tokenise_unit(unit: int, inputs: list[str], out_dir: str, tokenizer: str, e
         shards.append({"partial": path, "documents": documents, **_write_shard(path, buffer, dtype)})
         buffer.clear()
 
-    for path in inputs:
-        for document in iter_documents(path):
-            ids = encode(document) + [eos_token_id]
-            if max(ids) > limit:
-                raise ValueError(f"{path}: token id {max(ids)} does not fit dtype {dtype}; use uint32")
-            buffer.extend(ids)
-            documents += 1
-            if len(buffer) >= tokens_per_file:
-                flush()
-                documents = 0
-    if buffer:
-        flush()
+    try:
+        for path in inputs:
+            for document in iter_documents(path):
+                ids = encode(document) + [eos_token_id]
+                if max(ids) > limit:
+                    raise ValueError(f"{path}: token id {max(ids)} does not fit dtype {dtype}; use uint32")
+                buffer.extend(ids)
+                documents += 1
+                if len(buffer) >= tokens_per_file:
+                    flush()
+                    documents = 0
+        if buffer:
+            flush()
+    except BaseException:  # a full disk, bad input, Ctrl-C: none of this unit's shards stays behind
+        for shard in shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(shard["partial"])
+        raise
     return shards
 
 

@@ -16,7 +16,8 @@ with that environment (all ``torchrun`` workers included) is covered.
 | ``OLMOE_GATEPRO_METRICS`` | N >= 1: every OLMo-core ``Trainer`` records GatePro's routing metrics every N steps | unset |
 
 A bad value makes the import of the router module fail with an error naming the variable,
-so a typo cannot silently train the baseline.
+so a typo cannot silently train the baseline. Any other ``OLMOE_GATEPRO*`` variable (a
+misspelt name such as ``OLMOE_GATEPRO_PENALTI``) gets a warning naming it and the known ones.
 
 When the routers are patched, rank 0 logs one line with the settings (through ``logging``; to
 stderr while logging is not yet configured, since routers are imported before a script sets it
@@ -27,16 +28,19 @@ and zero-token counts, flip rates and gate similarity go to ``trainer.record_met
 W&B, Comet) and ``<save_folder>/gatepro_metrics.jsonl``.
 """
 
+import difflib
 import importlib.abc
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.transformers.families import FAMILIES
 
-__all__ = ["config_from_env", "metrics_interval_from_env", "install_import_hooks", "PATCH_TARGETS", "TRAINER_MODULE"]
+__all__ = ["config_from_env", "metrics_interval_from_env", "warn_unknown_variables", "install_import_hooks",
+           "PATCH_TARGETS", "TRAINER_MODULE", "KNOWN_VARIABLES"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,15 @@ METRICS = "OLMOE_GATEPRO_METRICS"
 TRAINER_MODULE = "olmo_core.train.trainer"
 METRICS_CALLBACK = "gatepro"  # the name the environment's callback gets among the trainer's callbacks
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("", "0", "false", "off", "no")
-_SETTINGS = {
+_SETTINGS = {  # variable: the GateProConfig field it sets, and its type
     "OLMOE_GATEPRO_PENALTY": ("penalty", float),
     "OLMOE_GATEPRO_NUM_COMPETITORS": ("num_competitors", int),
     "OLMOE_GATEPRO_HARD": ("hard", bool),
 }
+# Every OLMOE_GATEPRO* variable this package reads, wherever it reads it: add a new one here.
+# Any other variable of that prefix is a misspelling the user is warned about.
+KNOWN_VARIABLES = (SWITCH, *_SETTINGS, METRICS)
+_warned: set[str] = set()  # once per process: the hook reads the environment at every router import
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -62,8 +70,31 @@ def _parse_bool(name: str, text: str) -> bool:
                      f"or {'/'.join(value for value in _FALSE if value)} (or unset)")
 
 
+def warn_unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Warn (once per process each) about ``OLMOE_GATEPRO*`` variables no part of the package reads.
+
+    Returns the unknown names, sorted, whether warned now or before.
+    """
+    unknown = sorted(name for name in environ if name.startswith(SWITCH) and name not in KNOWN_VARIABLES)
+    for name in unknown:
+        if name in _warned:
+            continue
+        _warned.add(name)
+        suffixes = {variable.removeprefix(SWITCH): variable for variable in KNOWN_VARIABLES}
+        close = difflib.get_close_matches(name.removeprefix(SWITCH), suffixes, n=1, cutoff=0.75)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else ""
+        warnings.warn(f"environment variable {name} is not one olmoe-gatepro reads{hint} "
+                      f"(known: {', '.join(KNOWN_VARIABLES)}); it is ignored", UserWarning, stacklevel=3)
+    return unknown
+
+
 def config_from_env(environ: Mapping[str, str] = os.environ) -> GateProConfig | None:
-    """The GatePro settings the environment asks for, or None when ``OLMOE_GATEPRO`` is off."""
+    """The GatePro settings the environment asks for, or None when ``OLMOE_GATEPRO`` is off.
+
+    A bad value is a ValueError naming its variable; an unknown ``OLMOE_GATEPRO_*`` variable
+    (a misspelling) gets a warning naming it and the known ones.
+    """
+    warn_unknown_variables(environ)
     if not _parse_bool(SWITCH, environ.get(SWITCH, "")):
         return None
     settings = {}
@@ -72,16 +103,23 @@ def config_from_env(environ: Mapping[str, str] = os.environ) -> GateProConfig | 
             continue
         text = environ[variable]
         if kind is bool:
-            settings[field] = _parse_bool(variable, text)
-            continue
+            value = _parse_bool(variable, text)
+        else:
+            try:
+                value = kind(text)
+            except ValueError:
+                raise ValueError(f"environment variable {variable}={text!r} is not a valid {kind.__name__}") from None
         try:
-            settings[field] = kind(text)
-        except ValueError:
-            raise ValueError(f"environment variable {variable}={text!r} is not a valid {kind.__name__}") from None
+            GateProConfig(**{field: value})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"environment variable {variable}={text!r}: "
+                             f"{str(error).removeprefix('GateProConfig.')}") from None
+        settings[field] = value
     try:
         return GateProConfig(**settings)
     except ValueError as error:
-        raise ValueError(f"GatePro environment variables: {error}") from None
+        names = ", ".join(f"{variable}={environ[variable]!r}" for variable in _SETTINGS if variable in environ)
+        raise ValueError(f"environment variables {names}: {error}") from None
 
 
 def metrics_interval_from_env(environ: Mapping[str, str] = os.environ) -> int | None:

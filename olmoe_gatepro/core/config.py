@@ -1,10 +1,11 @@
 """GatePro's router settings and its hot-swap schedule; plain Python, no framework imports."""
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-__all__ = ["GateProConfig", "GateProRunConfig", "DEFAULT_PENALTIES"]
+from olmoe_gatepro.core.checks import check_bool, check_int, check_number
+
+__all__ = ["GateProConfig", "GateProRunConfig", "DEFAULT_PENALTIES", "check_run_config"]
 
 # The lambdas at which ``inspect`` measures boundary margins and flip rates: the paper's, then decades up to 1.
 DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
@@ -33,22 +34,12 @@ class GateProConfig:
 
     def __post_init__(self) -> None:
         for name in ("enabled", "hard"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GateProConfig.{name} must be a bool; got {getattr(self, name)!r}")
-        if isinstance(self.penalty, bool) or not isinstance(self.penalty, (int, float)):
-            raise ValueError(f"GateProConfig.penalty must be a number; got {self.penalty!r}")
-        if not math.isfinite(self.penalty) or self.penalty < 0:
-            raise ValueError(f"GateProConfig.penalty must be finite and >= 0; got {self.penalty!r}")
-        object.__setattr__(self, "penalty", float(self.penalty))
-        if isinstance(self.num_competitors, bool) or not isinstance(self.num_competitors, int) or self.num_competitors < 1:
-            raise ValueError(
-                f"GateProConfig.num_competitors must be an int >= 1; got {self.num_competitors!r}"
-            )
-        refresh = self.partner_refresh_steps
-        if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
-            raise ValueError(
-                f"GateProConfig.partner_refresh_steps must be None or an int >= 1; got {refresh!r}"
-            )
+            check_bool(f"GateProConfig.{name}", getattr(self, name))
+        object.__setattr__(self, "penalty", check_number("GateProConfig.penalty", self.penalty, minimum=0))
+        object.__setattr__(self, "num_competitors", check_int("GateProConfig.num_competitors", self.num_competitors, minimum=1))
+        if self.partner_refresh_steps is not None:
+            object.__setattr__(self, "partner_refresh_steps",
+                               check_int("GateProConfig.partner_refresh_steps", self.partner_refresh_steps, minimum=1))
 
     def replace(self, **changes) -> "GateProConfig":
         """A copy with ``changes`` applied and validated; an unknown name is a ValueError."""
@@ -83,11 +74,12 @@ class GateProRunConfig(GateProConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("GateProRunConfig.on_from_tokens", self.on_from_tokens, minimum=0)
         for unit in ("tokens", "steps"):
             on, off = getattr(self, f"on_from_{unit}"), getattr(self, f"off_after_{unit}")
-            if on is not None and (isinstance(on, bool) or not isinstance(on, int) or on < 0):
-                raise ValueError(f"on_from_{unit} must be an int >= 0; got {on!r}")
-            if off is not None and (isinstance(off, bool) or not isinstance(off, int) or off <= (on or 0)):
+            if on is not None:
+                check_int(f"GateProRunConfig.on_from_{unit}", on, minimum=0)
+            if off is not None and check_int(f"GateProRunConfig.off_after_{unit}", off) <= (on or 0):
                 raise ValueError(f"off_after_{unit} must be None or an int > on_from_{unit} ({on or 0}); got {off!r}")
         if self.schedule_unit == "steps" and (self.on_from_tokens != 0 or self.off_after_tokens is not None):
             raise ValueError("give the GatePro schedule in tokens or in steps, not both "
@@ -101,10 +93,11 @@ class GateProRunConfig(GateProConfig):
 
     def trained(self, *, tokens: int, steps: int) -> int:
         """Of the tokens and optimizer steps trained so far, the count the schedule reads (``schedule_unit``)."""
-        return tokens if self.schedule_unit == "tokens" else steps
+        return check_int("tokens", tokens, minimum=0) if self.schedule_unit == "tokens" else check_int("steps", steps, minimum=0)
 
     def active_at(self, trained: int) -> bool:
         """Whether GatePro routes the step that starts after ``trained`` tokens (or steps: ``schedule_unit``)."""
+        check_int(f"trained ({self.schedule_unit})", trained, minimum=0)
         on, off = ((self.on_from_tokens, self.off_after_tokens) if self.schedule_unit == "tokens"
                    else (self.on_from_steps or 0, self.off_after_steps))
         if not self.enabled or trained < on:
@@ -120,3 +113,19 @@ class GateProRunConfig(GateProConfig):
             hard=self.hard,
             partner_refresh_steps=self.partner_refresh_steps,
         )
+
+
+def check_run_config(where: str, gatepro, trainer=None) -> GateProRunConfig:
+    """``gatepro`` if it is a ``GateProRunConfig``; a TypeError naming ``where`` otherwise.
+
+    With ``trainer`` (what the Trainer callback is attached to): also a TypeError when it has no
+    ``add_callback``.
+    """
+    if trainer is not None and not callable(getattr(trainer, "add_callback", None)):
+        raise TypeError(f"{where.rsplit(':', 1)[0]}: trainer must be a transformers.Trainer (or anything with "
+                        f"add_callback); got {type(trainer).__name__}")
+    if not isinstance(gatepro, GateProRunConfig):
+        hint = (" (a GateProConfig holds router settings only: use GateProRunConfig(enabled=True, ...), "
+                "which adds the schedule)" if isinstance(gatepro, GateProConfig) else "")
+        raise TypeError(f"{where} must be a GateProRunConfig; got {gatepro!r}{hint}")
+    return gatepro

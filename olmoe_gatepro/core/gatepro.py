@@ -20,15 +20,31 @@ Two options go beyond the paper; both are off by default:
   weight (the limit lambda -> infinity, which ``penalty`` itself rejects as non-finite).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["competition_partners", "gatepro_logits"]
+from olmoe_gatepro.core.checks import check_bool, check_int, check_number, type_name
+
+__all__ = ["competition_partners", "gatepro_logits", "penalise_losers", "check_tensor"]
 
 
-def _check_router_weight(router_weight: torch.Tensor, num_experts: int | None = None) -> None:
+def check_tensor(where: str, value, shape: str, floating: bool = True) -> torch.Tensor:
+    """``value`` if it is a tensor of a floating dtype (``floating``) or an int64/int32 one; else a TypeError.
+
+    Reads only static properties: no host sync, no graph break. ``shape`` describes the
+    expected shape in the message, e.g. ``"(N, d)"``.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor of shape {shape}; got {type_name(value)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{where} must be a floating-point tensor of shape {shape}; got dtype {value.dtype}")
+    if not floating and value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{where} must be an int64 (or int32) tensor of shape {shape}; got dtype {value.dtype}")
+    return value
+
+
+def _check_router_weight(router_weight, num_experts: int | None = None) -> None:
+    check_tensor("router_weight", router_weight, "(N, d)")
     if router_weight.dim() != 2:
         raise ValueError(
             f"router_weight must have shape (N, d); got shape {tuple(router_weight.shape)}"
@@ -44,16 +60,8 @@ def _check_router_weight(router_weight: torch.Tensor, num_experts: int | None = 
         )
 
 
-def _check_num_competitors(num_competitors: int, num_experts: int) -> None:
-    if (
-        isinstance(num_competitors, bool)
-        or not isinstance(num_competitors, int)
-        or not 1 <= num_competitors < num_experts
-    ):
-        raise ValueError(
-            f"num_competitors must be an int in [1, N-1] = [1, {num_experts - 1}]; "
-            f"got {num_competitors!r}"
-        )
+def _check_num_competitors(num_competitors, num_experts: int) -> None:
+    check_int(f"num_competitors (N = {num_experts} experts)", num_competitors, 1, num_experts - 1)
 
 
 def competition_partners(router_weight: torch.Tensor, num_competitors: int = 1) -> torch.Tensor:
@@ -94,9 +102,10 @@ def gatepro_logits(
         logits: (..., N) router logits, any float dtype.
         router_weight: (N, d) router weight the partners come from; may be None when
             ``partners`` is given.
-        penalty: lambda >= 0, a finite Python number.
+        penalty: lambda >= 0, a finite Python number (not a tensor).
         partners: optional precomputed ``competition_partners(router_weight, m)``, (N,) or (N, m),
-            to reuse one partner table across calls.
+            to reuse one partner table across calls; its values are checked to lie in [0, N), which
+            reads it on the host (a GPU sync: a training loop uses ``penalise_losers``).
         num_competitors: m, used when ``partners`` is None.
         hard: a loser's logit becomes -inf instead of dropping by ``penalty``.
 
@@ -104,26 +113,52 @@ def gatepro_logits(
         float32 tensor of the shape of ``logits``: the penalised logits. Its gradient with
         respect to ``logits`` is the identity.
     """
+    check_tensor("logits", logits, "(..., N)")
+    if logits.dim() == 0:
+        raise ValueError("logits must have shape (..., N), one logit per expert; got a 0-dim tensor")
     num_experts = logits.shape[-1]
     if num_experts < 2:
         raise ValueError(
             f"GatePro needs at least 2 experts; logits of shape {tuple(logits.shape)} have N={num_experts}"
         )
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
-        raise ValueError(f"penalty must be a Python float; got {penalty!r} ({type(penalty).__name__})")
-    if not math.isfinite(penalty) or penalty < 0:
-        raise ValueError(f"penalty (lambda) must be finite and >= 0; got {penalty!r}")
+    penalty = check_number("penalty (lambda)", penalty, minimum=0)
+    check_bool("hard", hard)
     if router_weight is not None:
         _check_router_weight(router_weight, num_experts)
     if partners is None:
         if router_weight is None:
             raise ValueError("gatepro_logits needs router_weight or partners; both are None")
         partners = competition_partners(router_weight, num_competitors)
-    elif partners.shape[0] != num_experts or partners.dim() not in (1, 2):
+    else:
+        _check_partners(partners, num_experts, logits.device)
+    return penalise_losers(logits, partners, penalty, hard=hard)
+
+
+def _check_partners(partners, num_experts: int, device: torch.device) -> None:
+    """A caller's partner table: shape, dtype and device, and (reading it on the host) its values."""
+    check_tensor("partners", partners, f"(N,) or (N, m) with N={num_experts}", floating=False)
+    if partners.dim() not in (1, 2) or partners.shape[0] != num_experts:
         raise ValueError(
             f"partners must have shape (N,) or (N, m) with N={num_experts}; got {tuple(partners.shape)}"
         )
+    if partners.device != device:
+        raise ValueError(f"partners are on {partners.device} but the logits on {device}")
+    if partners.numel() and not bool(((partners >= 0) & (partners < num_experts)).all()):
+        bad = partners[(partners < 0) | (partners >= num_experts)][0].item()
+        raise ValueError(f"partners must hold expert indices in [0, {num_experts - 1}]; got {bad}")
 
+
+def penalise_losers(logits: torch.Tensor, partners: torch.Tensor, penalty: float, *, hard: bool = False) -> torch.Tensor:
+    """Eq. 7-8 without any checks, for callers whose inputs are already known good (the routers).
+
+    Args:
+        logits: (..., N) float logits.
+        partners: (N,) or (N, m) int64 table from ``competition_partners``, on the logits' device.
+        penalty: lambda, a finite float >= 0; hard: a loser's logit becomes -inf.
+
+    Returns:
+        float32 tensor of the shape of ``logits``.
+    """
     logits = logits.float()
     scores = logits.detach()
     if partners.dim() == 1:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.core.checks import check_bool, check_int, type_name
+from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
+from olmoe_gatepro.core.gatepro import competition_partners, penalise_losers
 from olmoe_gatepro.core.metrics import (
     boundary_margins,
     load_metrics,
@@ -49,6 +50,8 @@ __all__ = [
     "restore_classes",
     "strip_instance_state",
     "routers_with_instance_state",
+    "check_module",
+    "settings_to_apply",
 ]
 
 METRICS_FILE = "gatepro_metrics.jsonl"  # the training callbacks' file of ``finish_step`` records, one a line
@@ -71,22 +74,16 @@ def router_weight_matrix(router: nn.Module) -> torch.Tensor:
 def penalised_logits(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """``logits`` (..., N) of ``router`` after GatePro with the router's settings, in float32."""
     settings: GateProConfig = getattr(router, SETTINGS_ATTR)
-    partners = None
-    if settings.partner_refresh_steps is not None:
+    if settings.partner_refresh_steps is None:
+        partners = competition_partners(router_weight_matrix(router), settings.num_competitors)
+    else:
         partners = router.__dict__.get(PARTNERS_ATTR)
         if partners is None:
             raise RuntimeError(
                 "GatePro partner_refresh_steps is set but this router has no partner table yet: "
                 "call olmoe_gatepro.refresh_partners(model) before the first forward"
             )
-    return gatepro_logits(
-        logits,
-        router_weight_matrix(router),
-        settings.penalty,
-        partners=partners,
-        num_competitors=settings.num_competitors,
-        hard=settings.hard,
-    )
+    return penalise_losers(logits, partners, settings.penalty, hard=settings.hard)
 
 
 def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -176,6 +173,8 @@ def begin_step(model: nn.Module, *, enabled: bool, step: int, record: bool) -> N
     GatePro on or off as the schedule says (``enabled``), cached partner tables refreshed, and,
     with ``record``, a tally attached to every router for ``finish_step``.
     """
+    check_bool("enabled", enabled)
+    check_bool("record", record)
     routers = gatepro_routers(model)
     if getattr(routers[0], SETTINGS_ATTR).enabled != enabled:
         set_gatepro(model, enabled=enabled)
@@ -198,8 +197,16 @@ def finish_step(model: nn.Module) -> dict | None:
             "layers": [finish_recording(router) for router in routers]}
 
 
+def check_module(where: str, value, hint: str = "") -> nn.Module:
+    """``value`` if it is a ``torch.nn.Module``; else a TypeError naming ``where`` (and ``hint``)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{where} must be a torch.nn.Module; got {value!r} ({type_name(value)}){hint}")
+    return value
+
+
 def gatepro_routers(model: nn.Module) -> list[nn.Module]:
     """The GatePro-routed modules of ``model``; a RuntimeError when there are none."""
+    check_module("model", model)
     routers = [module for module in model.modules() if hasattr(module, SETTINGS_ATTR)]
     if not routers:
         raise RuntimeError(
@@ -245,6 +252,8 @@ def refresh_partners(model: nn.Module, step: int | None = None) -> bool:
     ``partner_refresh_steps = k`` recomputes at steps divisible by k (always when ``step`` is
     None). Returns whether any table was recomputed.
     """
+    if step is not None:
+        check_int("step", step, minimum=0)
     refreshed = False
     for router in gatepro_routers(model):
         settings: GateProConfig = getattr(router, SETTINGS_ATTR)
@@ -259,6 +268,20 @@ def refresh_partners(model: nn.Module, step: int | None = None) -> bool:
             router.__dict__[PARTNERS_ATTR] = partners
         refreshed = True
     return refreshed
+
+
+def settings_to_apply(caller: str, config, changes: dict) -> GateProConfig:
+    """A patch function's ``config`` (a ``GateProConfig`` or None for the defaults) with ``changes`` applied."""
+    if config is None:
+        config = GateProConfig()
+    elif not isinstance(config, GateProConfig):
+        raise TypeError(f"{caller}: config must be a GateProConfig (or None); got {config!r} ({type_name(config)}); "
+                        "settings can also be given as keywords, e.g. penalty=1e-3")
+    if isinstance(config, GateProRunConfig):
+        raise TypeError(f"{caller}: config is a GateProRunConfig, whose schedule a patch does not run: pass "
+                        "config.router_config(trained) for the settings at one point of it, or train with "
+                        "GateProTrainerCallback / GateProCallback, which run it")
+    return config.replace(**changes)
 
 
 def set_instance_settings(router: nn.Module, settings: GateProConfig) -> None:

@@ -39,7 +39,7 @@ from olmoe_gatepro.core import metrics
 from olmoe_gatepro.core.config import DEFAULT_PENALTIES, GateProConfig
 from olmoe_gatepro.core.gatepro import competition_partners, gatepro_logits
 from olmoe_gatepro.jsonl import write_text_atomically
-from olmoe_gatepro.checkpoints import cannot_load, model_kind
+from olmoe_gatepro.checkpoints import cannot_load, check_model_files, model_kind
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
 __all__ = ["ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
@@ -82,6 +82,7 @@ def _loaded(spec: ModelToInspect, device: str, dtype: torch.dtype):
 
             path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="olmoe-gatepro-inspect-")), "hf")
             convert_checkpoint(spec.model, path, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        check_model_files(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, revision=spec.revision, dtype=dtype)
         except (OSError, ValueError) as error:

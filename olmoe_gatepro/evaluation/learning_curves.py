@@ -168,6 +168,8 @@ def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
+    from olmoe_gatepro.evaluation.plots import save_figure
+
     names = list(dict.fromkeys(name for run in runs for name in run.series))
     names.sort(key=lambda name: bool(LOSS_CURVE.fullmatch(name)))
     columns = min(3, len(names))
@@ -197,10 +199,7 @@ def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
     note = " (dotted: GatePro switched on/off)" if any(run.switches for run in runs) else ""
     figure.legend(handles, labels, loc="outside upper center", ncol=min(len(runs), 2 * columns), frameon=False,
                   title=f"learning curves{note}")
-    partial = f"{path}.partial.png"
-    figure.savefig(partial, dpi=110)
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(figure, path)
 
 
 def write_learning_curves(runs: list[RunCurves], out_dir: str) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 
+from olmoe_gatepro.checkpoints import check_model_files
 from olmoe_gatepro.evaluation.results import TASKS, result_record
 
 __all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "benchmark_texts", "write_offline_tasks", "evaluate"]
@@ -171,6 +172,7 @@ def evaluate(
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    check_model_files(model)  # a weight file cut short is named before lm-eval starts
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from olmoe_gatepro.checkpoints import cannot_load, check_model_files
 from olmoe_gatepro.evaluation.results import result_record
 
 __all__ = ["IN_LOOP_TASKS", "SUITE", "evaluate_in_loop"]
@@ -88,8 +89,13 @@ def evaluate_in_loop(model_name: str, *, label: str, tasks: tuple[str, ...] = tu
 
     from olmoe_gatepro.transformers.patch import class_gatepro, patch_transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype="auto").to(device).eval()
+    check_model_files(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(model_name, revision=revision, dtype="auto")
+    except (OSError, ValueError) as error:
+        raise cannot_load(model_name, error) from None
+    model = model.to(device).eval()
     if gatepro is not None:
         patch_transformers(model=model, config=gatepro)
     context = model.config.max_position_embeddings

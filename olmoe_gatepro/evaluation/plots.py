@@ -5,7 +5,6 @@ returns them, or lines of the OLMo-core callback's metrics file), and optionally
 ``label``; runs that share setting and LBL weight are averaged over seeds.
 """
 
-import os
 import statistics
 
 import matplotlib
@@ -14,7 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves", "plot_deltas",
+from olmoe_gatepro.jsonl import atomic_file  # noqa: E402
+
+__all__ = ["save_figure", "plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves", "plot_deltas",
            "plot_inspected_layers", "plot_coactivation_heatmaps"]
 
 DIVERSITY_METRICS = (
@@ -67,11 +68,18 @@ def _legend(figure, axis) -> None:
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
 
+def save_figure(figure, path: str, **savefig_args) -> None:
+    """Write ``figure`` to ``path`` as a PNG atomically (``jsonl.atomic_file``: nothing half-written on a
+    full disk) and close it."""
+    try:
+        with atomic_file(path, binary=True) as file:
+            figure.savefig(file, format="png", dpi=110, **savefig_args)
+    finally:
+        plt.close(figure)
+
+
 def _save(figure, path: str) -> None:
-    partial = f"{path}.partial.png"
-    figure.savefig(partial, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(figure, path, bbox_inches="tight")
 
 
 def _per_layer_curves(runs: list[dict], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:

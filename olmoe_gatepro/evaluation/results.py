@@ -20,7 +20,7 @@ import math
 import os
 from typing import NamedTuple
 
-from olmoe_gatepro.jsonl import write_text_atomically
+from olmoe_gatepro.jsonl import read_json, read_text, write_text_atomically
 from olmoe_gatepro.provenance import git_revision, package_versions
 
 __all__ = [
@@ -107,12 +107,9 @@ def load_result(path: str, suite: str = "lm-eval") -> dict:
     """A result file, or a run folder's result file of ``suite`` (``RESULT_FILES``); errors name the file."""
     file = os.path.join(path, RESULT_FILES[suite]) if os.path.isdir(path) else path
     try:
-        with open(file) as handle:
-            result = json.load(handle)
+        result = read_json(file)
     except OSError as error:
         raise ValueError(f"cannot read result {file}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON: {error}") from None
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise ValueError(f"{file}: not an olmoe-gatepro result (schema {SCHEMA!r} expected)")
     for key in ("label", "suite", "tasks"):
@@ -147,19 +144,18 @@ def load_samples(result: dict) -> dict[str, dict[str, Outcome]] | None:
     if not os.path.exists(path):
         return None
     items: dict[str, dict[str, Outcome]] = {}
-    with open(path) as file:
-        for number, line in enumerate(file, start=1):
-            try:
-                record = json.loads(line)
-                task, item, correct = record["task"], str(record["item"]), record["correct"]
-                cluster = str(record.get("cluster", item))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}, line {number}: expected {{\"task\", \"item\", \"correct\"}}") from None
-            if not isinstance(correct, bool):
-                raise ValueError(f"{path}, line {number}: correct must be true or false; got {correct!r}")
-            if item in items.setdefault(task, {}):
-                raise ValueError(f"{path}, line {number}: item {item!r} of {task} appears twice")
-            items[task][item] = Outcome(cluster, correct, _margin(record.get("margin"), path, number))
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            task, item, correct = record["task"], str(record["item"]), record["correct"]
+            cluster = str(record.get("cluster", item))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {number}: expected {{\"task\", \"item\", \"correct\"}}") from None
+        if not isinstance(correct, bool):
+            raise ValueError(f"{path}, line {number}: correct must be true or false; got {correct!r}")
+        if item in items.setdefault(task, {}):
+            raise ValueError(f"{path}, line {number}: item {item!r} of {task} appears twice")
+        items[task][item] = Outcome(cluster, correct, _margin(record.get("margin"), path, number))
     return _checked(items, result, path)
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from olmo_core.train.callbacks import Callback, EvaluatorCallback
 
-from olmoe_gatepro.core.config import GateProRunConfig
+from olmoe_gatepro.core.checks import check_int
+from olmoe_gatepro.core.config import GateProRunConfig, check_run_config
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.olmo_core.patch import patch_olmo_core
@@ -38,8 +39,11 @@ class GateProCallback(Callback):
     metrics_file: str = METRICS_FILE
 
     def __post_init__(self) -> None:
-        if self.metrics_interval < 1:
-            raise ValueError(f"metrics_interval must be >= 1; got {self.metrics_interval}")
+        check_run_config("GateProCallback.gatepro", self.gatepro)
+        check_int("GateProCallback.metrics_interval", self.metrics_interval, minimum=1)
+        if not isinstance(self.metrics_file, str) or os.path.basename(self.metrics_file) != self.metrics_file \
+                or not self.metrics_file.strip():
+            raise ValueError(f"GateProCallback.metrics_file must be a file name in the save folder; got {self.metrics_file!r}")
 
     @property
     def _model(self) -> torch.nn.Module:

@@ -42,14 +42,15 @@ from typing import Any
 import torch
 
 from olmoe_gatepro.checkpoints import find_checkpoint
-from olmoe_gatepro.jsonl import write_text_atomically
+from olmoe_gatepro.jsonl import write_error, write_text_atomically
 from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
 from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE, RunConfig, load_run_config
 from olmoe_gatepro.olmo_core.train import build_transformer_config
 from olmoe_gatepro.provenance import git_revision, package_versions
 
 __all__ = ["PROVENANCE_FILE", "OLMO_CORE_SAVED_CONFIG", "TrainedModel", "trained_model_from_run",
-           "trained_model_from_olmo_core_config", "hf_architecture", "hf_config", "convert_checkpoint"]
+           "trained_model_from_olmo_core_config", "hf_architecture", "hf_config", "convert_checkpoint",
+           "checkpoint_index"]
 
 PROVENANCE_FILE = "olmoe_gatepro.json"
 OLMO_CORE_SAVED_CONFIG = "config.json"  # ConfigSaverCallback's file name, in every stepN folder
@@ -304,18 +305,88 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def checkpoint_index(folder: str):
+    """The ``torch.distributed.checkpoint`` metadata of ``folder`` (``stepN/model_and_optim``), its files checked.
+
+    A ValueError names the file: an unreadable ``.metadata``, or a data file it lists that is
+    missing or shorter than the index says (a copy cut short).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception as error:  # pickle, EOF, OS errors: the index file is damaged
+        raise ValueError(f"checkpoint file {os.path.join(folder, '.metadata')}: not a readable checkpoint index "
+                         f"({_first_line(error)})") from None
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint file {path} is missing (its .metadata lists it)")
+        if os.path.getsize(path) < size:
+            raise ValueError(f"checkpoint file {path} is cut short: {os.path.getsize(path)} bytes where its "
+                             f".metadata needs {size}")
+    return metadata
+
+
+def _damaged_file(folder: str, metadata) -> str | None:
+    """The first data file of ``folder`` holding a tensor that does not load; None when all do."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for index, info in metadata.storage_data.items():
+        if getattr(info, "transform_descriptors", None) or not isinstance(metadata.state_dict_metadata.get(index.fqn),
+                                                         TensorStorageMetadata):
+            continue
+        path = os.path.join(folder, info.relative_path)
+        with open(path, "rb") as file:
+            file.seek(info.offset)
+            data = file.read(info.length)
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:
+            return path
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message; of the first rank's failure for a ``CheckpointException``."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        error = next(iter(failures.values()))[0]
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _load_olmo_core_model(config, step_dir: str):
-    """The OLMo-core model of ``config`` with ``step_dir``'s weights, with OLMo-core's plain torch attention."""
+    """The OLMo-core model of ``config`` with ``step_dir``'s weights, with OLMo-core's plain torch attention.
+
+    A damaged checkpoint, or one that does not fit ``config``, is a ValueError naming the file.
+    """
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
     from olmo_core.nn.attention import AttentionBackendName
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+    folder = os.path.join(step_dir, "model_and_optim")
+    metadata = checkpoint_index(folder)
     if config.block.sequence_mixer.backend not in (None, AttentionBackendName.torch):  # as OLMo-core's converter does
         config = copy.deepcopy(config)
         config.block.sequence_mixer.backend, config.block.sequence_mixer.use_flash = AttentionBackendName.torch, None
     model = config.build(init_device="meta")
     model.to_empty(device=_device())
-    with tempfile.TemporaryDirectory() as work_dir:
-        load_model_and_optim_state(os.path.join(step_dir, "model_and_optim"), model, work_dir=work_dir)
+    try:
+        with tempfile.TemporaryDirectory() as work_dir:
+            load_model_and_optim_state(folder, model, work_dir=work_dir)
+    except (Exception, CheckpointException) as error:  # a damaged data file, or weights that do not fit the model
+        damaged = _damaged_file(folder, metadata)
+        if damaged is not None:
+            raise ValueError(f"checkpoint file {damaged} is damaged: a tensor in it does not load "
+                             f"({_first_line(error)})") from None
+        raise ValueError(f"checkpoint {folder} does not load into the model of the run config "
+                         f"({_first_line(error)}); is it the run's config?") from None
     return model.eval()
 
 
@@ -394,34 +465,39 @@ def convert_checkpoint(
     state = {key: value.to("cpu", DTYPES[dtype]) for key, value in model.state_dict().items()}
 
     shutil.rmtree(partial, ignore_errors=True)  # only ever an interrupted conversion's own leftovers (checked above)
-    os.makedirs(partial)
-    write_text_atomically(os.path.join(partial, PARTIAL_MARKER), "")
-    save_torch_state_dict(olmo_core_state_to_hf(state, config), partial, max_shard_size="5GB")
-    config.save_pretrained(partial)
-    tokenizer_object.save_pretrained(partial)
-    record = {
-        "source": os.path.abspath(step_dir),
-        "step": step,
-        "architecture": config.architectures[0],
-        "config": trained.config_file and os.path.abspath(trained.config_file),
-        "run": trained.run_name,
-        "gatepro_in_training": trained.gatepro,
-        "dtype": dtype,
-        "versions": package_versions(),
-        "git_revision": git_revision(),
-        "validation": None,
-    }
-    if validate:
-        length = min(64, trained.sequence_length)
-        difference, scale = _max_logit_difference(model, partial, config.vocab_size, length)
-        record["validation"] = {"tokens": 2 * length, "max_abs_logit_difference": difference, "max_abs_logit": scale}
-        if difference > tolerance * max(1.0, scale):
-            shutil.rmtree(partial)
-            raise RuntimeError(
-                f"converted {step_dir} does not match OLMo-core: logits differ by up to {difference:.3g} "
-                f"(largest logit {scale:.3g}, tolerance {tolerance:g} x max(1, largest)); nothing written"
-            )
-    write_text_atomically(os.path.join(partial, PROVENANCE_FILE), json.dumps(record, indent=2))
-    os.remove(os.path.join(partial, PARTIAL_MARKER))
+    try:
+        os.makedirs(partial)
+        write_text_atomically(os.path.join(partial, PARTIAL_MARKER), "")
+        save_torch_state_dict(olmo_core_state_to_hf(state, config), partial, max_shard_size="5GB")
+        config.save_pretrained(partial)
+        tokenizer_object.save_pretrained(partial)
+        record = {
+            "source": os.path.abspath(step_dir),
+            "step": step,
+            "architecture": config.architectures[0],
+            "config": trained.config_file and os.path.abspath(trained.config_file),
+            "run": trained.run_name,
+            "gatepro_in_training": trained.gatepro,
+            "dtype": dtype,
+            "versions": package_versions(),
+            "git_revision": git_revision(),
+            "validation": None,
+        }
+        if validate:
+            length = min(64, trained.sequence_length)
+            difference, scale = _max_logit_difference(model, partial, config.vocab_size, length)
+            record["validation"] = {"tokens": 2 * length, "max_abs_logit_difference": difference, "max_abs_logit": scale}
+            if difference > tolerance * max(1.0, scale):
+                raise RuntimeError(
+                    f"converted {step_dir} does not match OLMo-core: logits differ by up to {difference:.3g} "
+                    f"(largest logit {scale:.3g}, tolerance {tolerance:g} x max(1, largest)); nothing written"
+                )
+        write_text_atomically(os.path.join(partial, PROVENANCE_FILE), json.dumps(record, indent=2))
+        os.remove(os.path.join(partial, PARTIAL_MARKER))
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk or a failed validation: no half-written folder
+        if isinstance(error, OSError):
+            raise write_error(error, error.filename or partial) from None
+        raise
     os.replace(partial, out_dir)
     return record

@@ -343,6 +343,8 @@ def _coerce(kind, value, where: str):
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{where}: {value} does not fit a 64-bit integer")
         return value
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -365,6 +367,10 @@ def _from_mapping(cls, data, where: str):
         raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = [field.name for field in dataclasses.fields(cls)]
+    not_names = [key for key in data if not isinstance(key, str)]
+    if not_names:
+        raise ConfigError(f"{where or 'top level'}: the key {not_names[0]!r} is not a name; known keys here: "
+                          f"{', '.join(known)}")
     unknown = sorted(set(data) - set(known))
     if unknown:
         key = f"{where}.{unknown[0]}".lstrip(".")
@@ -381,17 +387,46 @@ def _from_mapping(cls, data, where: str):
         raise ConfigError(f"{where or 'top level'}: {error}") from None
 
 
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+                seen.add(key) if isinstance(key, typing.Hashable) else None
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def _read_yaml_mapping(path: str) -> dict:
     """The top-level mapping of the YAML file ``path``, as written (``inherit:`` not followed)."""
     import yaml
 
     try:
-        with open(path) as file:
-            data = yaml.safe_load(file)
+        with open(path, "rb") as file:
+            raw = file.read()
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
     return data
@@ -437,7 +472,7 @@ def _apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"override --{key}={text}: unknown key {'.'.join(parts[: depth + 1])!r}")
         if depth == len(parts) - 1:
             try:
-                node[part] = yaml.safe_load(text)
+                node[part] = yaml.load(text, Loader=_strict_loader())
             except yaml.YAMLError as error:
                 problem = getattr(error, "problem", None) or str(error).splitlines()[0]
                 raise ConfigError(f"override --{key}={text}: the value is not valid YAML ({problem})") from None
@@ -446,6 +481,11 @@ def _apply_override(data: dict, override: str) -> None:
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"override --{key}: {part!r} is not a section")
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            section = ".".join(parts[: depth + 1])
+            shown = yaml.safe_dump(node, default_flow_style=True).strip().removesuffix("...").strip()
+            raise ConfigError(f"override --{key}={text}: {section} is {shown} in the config, not a mapping of keys "
+                              f"to override; write it as a mapping (or drop the line)")
 
 
 def load_run_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -460,7 +500,10 @@ def load_run_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfi
         path = str(shipped_config_path(path))
     data = _read_yaml(path)
     for override in overrides:
-        _apply_override(data, override)
+        try:
+            _apply_override(data, override)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     try:
         return _from_mapping(RunConfig, data, "")
     except ConfigError as error:

@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from olmoe_gatepro.core.config import GateProRunConfig
-from olmoe_gatepro.checkpoints import cannot_load
+from olmoe_gatepro.checkpoints import cannot_load, check_model_files
 from olmoe_gatepro.jsonl import keep_settings, write_text_atomically
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
@@ -181,6 +181,7 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     del settings["report_to"]  # where the metrics go may change on resuming; what is trained may not
     settings_path = os.path.join(out_dir, SETTINGS_FILE)
     keep_settings(settings_path, settings, write=False)  # a rerun with other settings stops before loading
+    check_model_files(spec.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision, dtype=torch.float32)

@@ -55,7 +55,7 @@ from olmoe_gatepro.core.router_state import METRICS_FILE
 from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, RunConfig, load_run_config
 from olmoe_gatepro.olmo_core.train import TRAINED_FILE
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
-from olmoe_gatepro.jsonl import read_records, rewrite_records, write_text_atomically
+from olmoe_gatepro.jsonl import keep_settings, read_json, read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
 from olmoe_gatepro.olmo_core.cost import Throughput, cost_lines
@@ -104,8 +104,7 @@ def _inspect_stage(preset: ReproducePreset, runs, out_dir: str, folder: str) -> 
     done = os.path.join(folder, "routing.json")
     if os.path.exists(done):
         print(f"inspect: done ({done})", flush=True)
-        with open(done) as file:
-            return json.load(file)
+        return read_json(done)
     started = time.monotonic()
     models = [ModelToInspect(os.path.join(out_dir, name, "checkpoint"), name, gatepro=gatepro if gatepro.enabled else None)
               for name, gatepro, _ in runs]
@@ -157,18 +156,6 @@ def run_folder_lock(out_dir: str):
         yield  # the lock goes with the file handle, also when the process dies
 
 
-def _check_settings(settings_path: str, settings: dict, out_dir: str) -> None:
-    if not os.path.exists(settings_path):
-        return
-    try:
-        with open(settings_path) as file:
-            stored = json.load(file)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{settings_path} is not readable JSON ({error}); remove it, or use another --out") from None
-    if stored != json.loads(json.dumps(settings)):
-        raise ValueError(f"{out_dir} holds a run with other settings ({settings_path}); use another --out")
-
-
 def reproduce(preset_name: str, out_dir: str, workers: int | None = None) -> str:
     """Run (or continue) the pipeline of ``preset_name`` in ``out_dir``; return the report folder.
 
@@ -182,8 +169,7 @@ def _reproduce(preset_name: str, out_dir: str, workers: int | None) -> str:
     preset = REPRODUCE_PRESETS[preset_name]
     settings_path = os.path.join(out_dir, "settings.json")
     settings = {"preset": preset_name, **dataclasses.asdict(preset)}
-    _check_settings(settings_path, settings, out_dir)
-    write_text_atomically(settings_path, json.dumps(settings, indent=2))
+    keep_settings(settings_path, settings)
     workers = workers or os.cpu_count() or 1
     runs = preset.runs()
     print(f"training {len(runs)} tiny OLMoEs ({preset.run.steps} steps each, {workers} at a time)", flush=True)

@@ -26,12 +26,14 @@ from torch import nn
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.core.router_state import (
     SETTINGS_ATTR,
+    check_module,
     is_recording,
     refresh_partners,
     restore_classes,
     route,
     routers_with_instance_state,
     set_instance_settings,
+    settings_to_apply,
     strip_instance_state,
 )
 from olmoe_gatepro.transformers.families import FAMILIES, REFUSED, RouterFamily, family_of_class, router_class
@@ -97,7 +99,16 @@ def _family(router: nn.Module) -> str | None:
 
 
 def _check_families(families) -> list[str]:
-    names = list(FAMILIES) if families is None else list(families)
+    """``families`` as a list of names: None is all of them, a single name is that one."""
+    if families is None:
+        return list(FAMILIES)
+    names = [families] if isinstance(families, str) else families
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"families must be a family name or a list of them ({', '.join(FAMILIES)}); got {families!r}")
+    if not names:
+        raise ValueError(f"families is empty: nothing would be patched; give one or more of {', '.join(FAMILIES)}, "
+                         "or None for all")
+    names = list(names)
     unknown = [name for name in names if name not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown or unsupported famil{'ies' if len(unknown) > 1 else 'y'} {unknown}; "
@@ -144,12 +155,17 @@ def patch_transformers(
             the router classes of ``families``, which covers every model of them, built before
             or after the call.
         config: the GatePro settings; keyword ``settings`` (``penalty=1e-3``, ...) override it.
-        families: with ``model=None``, the families to patch (default: all of ``FAMILIES``).
+        families: with ``model=None``, the families to patch: a name or a list of names
+            (default: all of ``FAMILIES``).
 
     Calling it again only updates the settings.
     """
     _check_version()
-    gatepro = (config or GateProConfig()).replace(**settings)
+    gatepro = settings_to_apply("patch_transformers", config, settings)
+    if model is not None:
+        check_module("patch_transformers: model", model,
+                     " (load it first, e.g. AutoModelForCausalLM.from_pretrained(path), or leave model=None "
+                     "to patch every model)" if isinstance(model, str) else "")
     if model is None:
         for family in _check_families(families):
             cls = router_class(family)
@@ -175,7 +191,7 @@ def unpatch_transformers(model: nn.Module | None = None) -> None:
     patched class's stock forward and strip every instance patch, so all models route as stock.
     """
     if model is not None:
-        routers = [module for module in model.modules() if _family(module)]
+        routers = [module for module in check_module("unpatch_transformers: model", model).modules() if _family(module)]
     else:
         routers = [router for cls in _stock_forwards for router in routers_with_instance_state(cls)]
     for router in routers:

@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from olmoe_gatepro.core.config import GateProRunConfig
+from olmoe_gatepro.core.config import GateProRunConfig, check_run_config
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
 from olmoe_gatepro.transformers.patch import patch_transformers
@@ -113,6 +113,7 @@ class GateProTrainerCallback(TrainerCallback):
     @classmethod
     def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":
         """A callback for ``trainer``, added to its callbacks."""
+        check_run_config("GateProTrainerCallback.attach: gatepro", gatepro, trainer)
         switches_by_tokens = gatepro.schedule_unit == "tokens" and (gatepro.on_from_tokens or gatepro.off_after_tokens)
         if switches_by_tokens and trainer.args.include_num_input_tokens_seen == "no":
             raise ValueError("the GatePro schedule counts tokens: set TrainingArguments(include_num_input_tokens_seen="

@@ -1,3 +1,4 @@
+import re
 import sys
 
 import pytest
@@ -172,3 +173,64 @@ def test_a_single_expert_router_works_under_the_class_patch():
     patch_olmo_core(penalty=PENALTY)  # class-wide: GatePro has no competitor to compare here
     for got, want in zip(router(x), expected):
         assert torch.equal(got, want)
+
+
+DEEPSEEK_LIKE = [  # (router class, constructor settings, what the refusal names)
+    (MoERouterV2, {"gating_function": "sigmoid"}, "sigmoid gating"),
+    (MoELinearRouter, {"gating_function": "sigmoid"}, "sigmoid gating"),
+    (MoERouterV2, {"score_correction_bias": True}, "per-expert selection bias"),
+    (MoELinearRouter, {"bias_gamma": 1e-3}, "per-expert selection bias"),
+    (MoERouterV2, {"n_group": 4, "topk_group": 2}, "group-limited choice (n_group=4, topk_group=2)"),
+    (MoERouterV2, {"bias": True}, "a router bias b_g"),
+    (MoERouterV2, {"gating_function": "sigmoid", "score_correction_bias": True, "n_group": 4, "topk_group": 2},
+     "sigmoid gating (gating_function='sigmoid'), a per-expert selection bias (score_correction_bias or bias_gamma), "
+     "group-limited choice"),
+]
+
+
+def _configured_router(cls, settings):
+    torch.manual_seed(0)
+    from olmo_core.nn.moe.router import MoERouterGatingFunction
+
+    settings = {**settings, **({"gating_function": MoERouterGatingFunction(settings["gating_function"])}
+                               if "gating_function" in settings else {})}
+    return cls(d_model=D_MODEL, num_experts=EXPERTS, top_k=TOP_K, **settings).train()
+
+
+def _route(router, x):
+    return router(x, False) if isinstance(router, MoERouterV2) else router(x)
+
+
+@pytest.mark.parametrize("cls, settings, named", DEEPSEEK_LIKE)
+def test_deepseek_v3_like_routers_are_refused_with_the_reason(cls, settings, named):
+    router = _configured_router(cls, settings)
+    x, _ = _inputs()
+    stock = _route(router, x)
+    model = torch.nn.ModuleList([router])
+    with pytest.raises(ValueError, match="GatePro does not apply to router '0': " + re.escape(f"{cls.__name__} with ") + ".*"
+                       + re.escape(named) + ".*bias-free linear router"):
+        patch_olmo_core(model=model, penalty=PENALTY)
+    assert not hasattr(router, "_gatepro") and "get_expert_logits" not in router.__dict__  # nothing half-patched
+    patch_olmo_core(penalty=PENALTY)  # a class-wide patch cannot see the routers: their first forward refuses
+    with pytest.raises(ValueError, match="GatePro does not apply to this router: .*" + re.escape(named)):
+        _route(router, x)
+    unpatch()
+    weights, indices = _route(router, x)[:2]
+    assert torch.equal(weights, stock[0]) and torch.equal(indices, stock[1])
+
+
+def test_topk_softmax_gating_is_the_papers_and_is_patched():
+    """Top-k on the logits, softmax over the chosen ones: Eq. 9 of the paper exactly."""
+    router = _configured_router(MoERouterV2, {"gating_function": "topk_softmax"})
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+    x, _ = _inputs()
+    _, stock_indices, _, _ = router(x, False)
+    patch_olmo_core(model=torch.nn.ModuleList([router]), penalty=PENALTY)
+    weights, indices, _, _ = router(x, False)
+    weight = router.weight.detach().view(EXPERTS, D_MODEL)
+    penalised = reference_gatepro(F.linear(x, weight), weight, PENALTY)
+    expected_indices = penalised.topk(TOP_K, -1).indices
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(weights, penalised.gather(-1, expected_indices).softmax(-1))
+    assert not torch.equal(indices, stock_indices)

@@ -281,7 +281,7 @@ def test_bad_result_content_is_named(tmp_path, tasks, message, capsys):
 def test_bad_result_files_are_named(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.json, line 1, column 2: not valid JSON \(Expecting property name"):
         load_result(str(bad))
     bad.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="not an olmoe-gatepro result"):

@@ -201,7 +201,7 @@ def test_bad_partner_inputs():
         competition_partners(torch.ones(1, 4))
     with pytest.raises(ValueError, match="num_competitors .* got 8"):
         competition_partners(torch.randn(8, 4), num_competitors=8)
-    with pytest.raises(ValueError, match="penalty must be a Python float"):
+    with pytest.raises(TypeError, match="penalty \\(lambda\\) must be a Python number"):
         gatepro_logits(torch.zeros(2, 4), torch.randn(4, 3), torch.tensor(1e-4))
 
 
