@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import shutil
 
@@ -23,7 +24,8 @@ def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, st
            margins=False):
     """A run folder whose result and per-item file agree (scores are the items' accuracy).
 
-    ``item_id(task, i)``: the items' ids (default ``i``); ``margins``: give each item ``_margin``."""
+    ``item_id(task, i)``: the items' ids (default ``i``); ``margins``: True gives each item
+    ``_margin(i, correct)``, a function ``margins(task, i, correct)`` its own."""
     folder.mkdir(parents=True)
     tasks = {}
     for task, values in outcomes.items():
@@ -36,7 +38,7 @@ def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, st
     if samples:
         item_id = item_id or (lambda task, i: str(i))
         lines = [json.dumps({"task": t, "item": item_id(t, i), "correct": c,
-                             **({"margin": _margin(i, c)} if margins else {})})
+                             **({"margin": margins(t, i, c) if callable(margins) else _margin(i, c)} if margins else {})})
                  for t, v in outcomes.items() for i, c in enumerate(v)]
         (folder / "samples.lm-eval.jsonl").write_text("\n".join(lines) + "\n")
     if metrics:
@@ -129,6 +131,30 @@ def test_the_same_file_twice_is_refused_and_equal_labels_are_renamed(tmp_path, c
     comparison = compare([base, other], str(tmp_path / "out"), echo=notes.append)
     assert [row["label"] for row in comparison["rows"]] == ["baseline", "baseline (2)"]
     assert any("shown as 'baseline (2)'" in note for note in notes)
+
+
+def test_the_margin_is_tested_beside_accuracy(tmp_path):
+    def shifted(task, i, correct):  # the model: every margin 0.1 or 0.2 higher, two COPA items now right
+        return _margin(i, correct) + (0.1 if i % 2 else 0.2) if not (task == "copa" and i in (1, 3)) else 0.3
+
+    base = _write(tmp_path / "base", "baseline", _outcomes(BASE), margins=True)
+    other = _write(tmp_path / "gp", "gatepro", _with({"copa": ([1, 3], [])}), margins=shifted)
+    comparison = compare([base, other], str(tmp_path / "out"), echo=_quiet)
+    margins = comparison["rows"][1]["margins"]
+    for task, items in TASK_ITEMS.items():
+        expected = np.mean([shifted(task, i, i in BASE[task] or (task == "copa" and i in (1, 3))) - _margin(i, i in BASE[task])
+                            for i in range(items)])
+        assert margins[task]["delta"] == pytest.approx(expected)
+        assert margins[task]["level"] == "checkpoints" and margins[task]["test"] == "paired sign-flip permutation"
+        assert margins[task]["significant"]  # every item moved the same way: no resample is as extreme
+    copa = comparison["rows"][1]["columns"]["copa"]
+    assert not copa["significant"] and copa["p_value"] == pytest.approx(0.5)  # accuracy: 2 discordant items
+    # the margin separates the two rows several times better than accuracy on COPA; accuracy did not move elsewhere
+    assert margins["copa"]["snr_ratio"] > 3 and math.isnan(margins["mmlu"]["snr_ratio"])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Margin of the right choice" in table and "Margin of the right choice over the best wrong one" in table
+    no_margins = _write(tmp_path / "old", "old", _outcomes(BASE))  # files written before margins existed
+    assert compare([base, no_margins], str(tmp_path / "old-out"), echo=_quiet)["rows"][1]["margins"] is None
 
 
 def _seeds(tmp_path, name, piqa_wins):

@@ -160,7 +160,7 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
     result, items = evaluate_in_loop(checkpoint, label="x", tasks=("piqa",), limit=limit, batch_size=5)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     dataset = build_task("piqa", AutoTokenizer.from_pretrained(checkpoint), model_ctx_len=4096)
-    best, labels = {}, {}
+    sums, lengths, labels = {}, {}, {}  # per doc: {continuation: summed log-likelihood}, its length in characters
     for sample in dataset.samples:
         if sample["doc_id"] >= limit:
             continue
@@ -168,15 +168,23 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
         with torch.no_grad():
             logprobs = model(tokens).logits[0, :-1].log_softmax(-1)
         positions = range(len(sample["ctx"]) - 1, tokens.shape[1] - 1)
-        score = sum(logprobs[p, tokens[0, p + 1]].item() for p in positions) / sample["cont_str_len"]
-        if sample["doc_id"] not in best or score > best[sample["doc_id"]][0]:
-            best[sample["doc_id"]] = (score, sample["cont_id"])
+        sums.setdefault(sample["doc_id"], {})[sample["cont_id"]] = sum(logprobs[p, tokens[0, p + 1]].item()
+                                                                      for p in positions)
+        lengths.setdefault(sample["doc_id"], {})[sample["cont_id"]] = sample["cont_str_len"]
         labels[sample["doc_id"]] = sample["label_id"]
-    accuracy = sum(best[doc][1] == labels[doc] for doc in best) / len(best)
+    scores = {doc: {cont: total / lengths[doc][cont] for cont, total in conts.items()} for doc, conts in sums.items()}
+    best = {doc: max(conts, key=conts.get) for doc, conts in scores.items()}
+    accuracy = sum(best[doc] == labels[doc] for doc in best) / len(best)
     assert result["tasks"]["piqa"]["samples"] == limit
     assert result["tasks"]["piqa"]["score"] == pytest.approx(accuracy, abs=1e-6)
-    assert {item["item"]: item["correct"] for item in items} == {
-        f"piqa/{doc}": best[doc][1] == labels[doc] for doc in best}
+    by_item = {item["item"]: item for item in items}
+    assert {key: item["correct"] for key, item in by_item.items()} == {
+        f"piqa/{doc}": best[doc] == labels[doc] for doc in best}
+    for doc, conts in scores.items():
+        right = labels[doc]
+        item = by_item[f"piqa/{doc}"]
+        assert item["margin"] == pytest.approx(conts[right] - max(v for c, v in conts.items() if c != right), abs=1e-4)
+        assert item["logprob"] == pytest.approx(sums[doc][right], abs=1e-3)
 
 
 def _read_only_copy_with_a_stray_cache_file(tmp_path):

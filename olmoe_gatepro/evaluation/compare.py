@@ -265,6 +265,49 @@ def _column_stats(baseline: Arm, other: Arm, tasks: list[str], columns: list[str
     return out
 
 
+def _has_margins(arm: Arm) -> bool:
+    return arm.samples is not None and all(outcome.margin is not None for run in arm.samples
+                                           for items in run.values() for outcome in items.values())
+
+
+def _margin_stats(baseline: Arm, other: Arm, tasks: list[str], paired_seeds: bool,
+                  accuracy: dict[str, dict]) -> dict[str, dict] | None:
+    """Per task, the paired test of the right choice's margin (continuous), beside accuracy's.
+
+    Levels as for accuracy: seeds as the unit with 3+ per arm (the per-run mean margin), else
+    these checkpoints' items; Holm over the tasks (a family of its own). ``snr`` is |delta| /
+    se of the test shown, ``snr_ratio`` the margin's over accuracy's at the same level: how
+    many times better the margin separates the two rows (its square: the factor of items saved).
+    None without margins in every run of both rows.
+    """
+    if not (_has_margins(baseline) and _has_margins(other)):
+        return None
+
+    def per_run(arm: Arm, task: str) -> list[float]:
+        return [statistics.fmean(outcome.margin for outcome in run[task].values()) for run in arm.samples]
+
+    by_task = {}
+    for task in tasks:
+        base, model = per_run(baseline, task), per_run(other, task)
+        method = paired_stats.seed_level_test(base, model, paired_seeds) if min(len(base), len(model)) >= 2 else None
+        items = _paired_task(baseline, other, task, value=lambda outcome: outcome.margin, counts=False)
+        by_task[task] = {"method": method, "checkpoints": paired_stats.item_paired_test([items])}
+    for level in ("method", "checkpoints"):
+        _adjust(by_task, level, tasks)
+    out = {}
+    for task in tasks:
+        level = accuracy[task]["level"]
+        shown = by_task[task][level]
+        accuracy_test = accuracy[task]["method_test" if level == "method" else "checkpoint_test"]
+        snr = abs(shown["delta"]) / shown["se"] if shown["se"] > 0 else math.nan
+        accuracy_snr = abs(accuracy_test["delta"]) / accuracy_test["se"] if accuracy_test["se"] > 0 else math.nan
+        out[task] = {"level": level, **{key: shown[key] for key in ("delta", "ci95_low", "ci95_high", "p_value",
+                                                                      "p_adjusted", "significant", "test", "se")},
+                     "snr": snr, "accuracy_snr": accuracy_snr,
+                     "snr_ratio": snr / accuracy_snr if accuracy_snr > 0 else math.nan}
+    return out
+
+
 def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False,
                  seed_sd: dict[str, float] | None = None) -> dict:
     """The comparison as a JSON-ready dict: method, and per row and column scores and statistics.
@@ -306,6 +349,8 @@ def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False
             }
             entry.update(column_stats.get(column, {}))
             row["columns"][column] = entry
+        if index:
+            row["margins"] = _margin_stats(arms[0], arm, tasks, paired_seeds, column_stats)
         rows.append(row)
     return {
         "baseline": arms[0].label,
@@ -333,6 +378,9 @@ def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False
             "paper_delta": "the paper's Table 2 (OLMoE-1B-7B, 400B tokens), GatePro minus baseline; the pooled "
                            "column's is implied at this comparison's item counts",
             "seeds_needed": "seeds per arm for the method-level test to find the paper's delta with 80% power",
+            "margins": "per task, the right choice's score minus the best wrong one's (log-likelihood, per character "
+                       "for acc_norm/len_norm), tested like accuracy at the same level, Holm over the tasks; snr: "
+                       "|delta| / standard error, snr_ratio: the margin's over accuracy's",
         },
         "rows": rows,
     }
@@ -489,9 +537,32 @@ def _verdict(row: dict, comparison: dict) -> str:
                                       f"({'seed-averaged, ' if max(seeds) > 1 else ''}"
                                       f"{'item-paired' if row['paired'] else 'unpaired: per-item results are missing'}; "
                                       f"task columns Holm-adjusted over {len(tasks)}):")
+    if row.get("margins"):
+        sentences.append(_margin_sentence(row["margins"], tasks))
     sentences.append(_paper_sentence(row, columns))
     sentences.append(_seeds_sentence(row, columns))
     return " ".join(sentences)
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2g}x"
+
+
+def _margin_sentence(margins: dict[str, dict], tasks: list[str]) -> str:
+    found = [f"{'higher' if margins[t]['delta'] > 0 else 'lower'} on {_title(t)} by {abs(margins[t]['delta']):.3g} "
+             f"(95% CI {margins[t]['ci95_low']:+.3g} to {margins[t]['ci95_high']:+.3g}, Holm-adjusted p = "
+             f"{margins[t]['p_adjusted']:.3g}{'' if margins[t]['level'] == 'method' else ', these checkpoints'})"
+             for t in tasks if margins[t]["significant"]]
+    none = [_title(t) for t in tasks if not margins[t]["significant"]]
+    parts = []
+    if found:
+        parts.append("; ".join(found))
+    if none:
+        parts.append(f"no difference detected on {', '.join(none)}")
+    ratios = ", ".join(f"{_title(t)} {_ratio(margins[t]['snr_ratio'])}" for t in tasks)
+    return (f"Margin of the right choice over the best wrong one (continuous, tested at the same level as accuracy, "
+            f"Holm over the tasks): {'; '.join(parts)}. Its signal-to-noise (|Δ| / standard error) over accuracy's: "
+            f"{ratios}.")
 
 
 def _cell(entry: dict, is_baseline: bool) -> str:
@@ -504,6 +575,12 @@ def _cell(entry: dict, is_baseline: bool) -> str:
     mark = _MARKS[entry["level"]] if entry["significant"] else ""
     flag = " (seed spread 0)" if entry["zero_seed_spread"] else ""
     return f"{text} (Δ {entry['delta']:+.2f}{mark} [{entry['ci95_low']:+.2f}, {entry['ci95_high']:+.2f}]{flag})"
+
+
+def _margin_cell(entry: dict) -> str:
+    mark = _MARKS[entry["level"]] if entry["significant"] else ""
+    return (f"Δ {entry['delta']:+.3g}{mark} [{entry['ci95_low']:+.3g}, {entry['ci95_high']:+.3g}] "
+            f"(SNR ratio {_ratio(entry['snr_ratio'])})")
 
 
 def _legend(comparison: dict) -> str:
@@ -542,6 +619,17 @@ def to_markdown(comparison: dict, routing: list[dict] | None = None) -> str:
     ]
     for index, row in enumerate(rows):
         lines.append(f"| {row['label']} | " + " | ".join(_cell(row["columns"][c], index == 0) for c in columns) + " |")
+    if any(row.get("margins") for row in rows[1:]):
+        tasks = comparison["tasks"]
+        lines += ["", "## Margin of the right choice", "",
+                  "Per task, the mean over items of the right choice's score minus the best wrong choice's (log-likelihood;"
+                  " per character where the task's metric normalises by length), to the baseline, with its 95% interval "
+                  "at the level accuracy is tested (* method, † checkpoints; Holm over the tasks). SNR ratio: its "
+                  "|Δ| / standard error over accuracy's.", "",
+                  "| model | " + " | ".join(_title(t) for t in tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
+        for row in rows[1:]:
+            if row.get("margins"):
+                lines.append(f"| {row['label']} | " + " | ".join(_margin_cell(row["margins"][t]) for t in tasks) + " |")
     if routing:
         lines += ["", *_routing_markdown(routing)]
     return "\n".join(lines) + "\n"
