@@ -263,6 +263,58 @@ def test_routing_section_and_plots_from_training_metrics(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
 
 
+def _routing_metrics(coactivation: float, cosine: float, zero: float):
+    """8 logged steps whose last quarter (steps 6-8) has these per-layer values (layer 1: twice them);
+    the early steps hold a value far off, which the end-of-training average must leave out."""
+    def layer(scale, step):
+        late = step >= 6
+        return {"zero_token_count": scale * zero if late else 9.0, "load_imbalance": 1.0, "flip_rate": 0.1,
+                "avg_cosine_similarity": scale * cosine if late else 0.9, "avg_angle_deg": 80.0,
+                "spectral_entropy": 2.0 + (0.01 * scale if late else 0.0),
+                "partner_coactivation": scale * coactivation if late else 0.9, "partner_coactivation_chance": 0.2}
+
+    return [{"step": step, "tokens": step * 100, "gatepro_active": True, "layers": [layer(1, step), layer(2, step)]}
+            for step in range(1, 9)]
+
+
+def test_routing_differences_with_seed_level_intervals(tmp_path):
+    base_coactivation, gp_coactivation = [0.20, 0.21, 0.19], [0.17, 0.185, 0.165]
+    runs = {"baseline": [], "gatepro": []}
+    for arm, values in (("baseline", base_coactivation), ("gatepro", gp_coactivation)):
+        for seed, value in enumerate(values):
+            runs[arm].append(_write(tmp_path / f"{arm}{seed}", arm, _outcomes(BASE),
+                                    _routing_metrics(value, 0.1 + 0.01 * seed, 2.0 + (arm == "gatepro") * seed)))
+    comparison = compare(runs, str(tmp_path / "out"), echo=_quiet, paired_seeds=True)
+    (routing,) = comparison["routing"]
+    coactivation = routing["vs_baseline"]["partner_coactivation"]
+    # the mean over the two layers (values x1 and x2), in points: per seed 1.5 x 100 x (gp - base)
+    deltas = [150 * (g - b) for g, b in zip(gp_coactivation, base_coactivation)]
+    se = np.std(deltas, ddof=1) / np.sqrt(3)
+    overall = coactivation["overall"]
+    assert overall["delta"] == pytest.approx(np.mean(deltas))
+    assert (overall["ci95_low"], overall["ci95_high"]) == pytest.approx(
+        (np.mean(deltas) - stats.t.ppf(0.975, 2) * se, np.mean(deltas) + stats.t.ppf(0.975, 2) * se))
+    assert coactivation["layers"][1]["delta"] == pytest.approx(2 * 100 * np.mean(np.subtract(gp_coactivation, base_coactivation)))
+    tests = [metric["overall"] for metric in routing["vs_baseline"].values()]
+    assert [test["p_adjusted"] for test in tests] == pytest.approx(paired_stats.holm([t["p_value"] for t in tests]))
+    assert overall["p_adjusted"] == pytest.approx(4 * overall["p_value"]) and overall["significant"]
+    cosine = routing["vs_baseline"]["avg_cosine_similarity"]["overall"]
+    assert cosine["zero_spread"] and not cosine["significant"]  # the same cosine in both arms, seed by seed
+    spectral = routing["vs_baseline"]["spectral_entropy"]["overall"]
+    assert spectral["delta"] == pytest.approx(0.0) and spectral["zero_spread"]
+    zero = routing["vs_baseline"]["zero_token_count"]["overall"]
+    assert zero["delta"] == pytest.approx(1.5 * 1.0) and not zero["zero_spread"]  # gatepro seeds: +0, +1, +2 experts
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "### Routing at the end of training, to the baseline" in table
+    assert (f"**gatepro** vs baseline, during training (3 and 3 seeds, paired by seed; mean over layers, seed-level t "
+            f"intervals, Holm over the 4 metrics): partner co-activation {overall['delta']:+.3g} points (95% CI") in table
+    assert "gate cosine similarity +0 (no interval: seed spread 0), no claim" in table
+    assert "| gatepro | partner co-activation (points) | " in table
+    two = compare({arm: paths[:2] for arm, paths in runs.items()}, str(tmp_path / "two"), echo=_quiet, paired_seeds=True)
+    assert not two["routing"][0]["vs_baseline"]["partner_coactivation"]["overall"]["significant"]
+    assert "no claim about the method with fewer than 3 seeds per arm" in (tmp_path / "two" / "table.md").read_text()
+
+
 def test_a_gatepro_baseline_is_called_out(tmp_path):
     gatepro = {"enabled": True, "penalty": 1e-4, "num_competitors": 1, "hard": False}
     base = _write(tmp_path / "base", "baseline", _outcomes(BASE), gatepro=gatepro)

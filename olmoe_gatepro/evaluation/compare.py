@@ -43,8 +43,8 @@ from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, load_samples
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 
-__all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "Arm", "load_arms", "compare_arms",
-           "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
+__all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "ROUTING_METRICS", "Arm", "load_arms",
+           "compare_arms", "routing_differences", "routing_verdict", "routing_difference_table", "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
 
 PRIMARY, PAPER_AVERAGE = "pooled", "avg"
 # The paper's Table 2 (OLMoE-1B-7B, 400B tokens): GatePro minus baseline, in points.
@@ -631,7 +631,7 @@ def to_markdown(comparison: dict, routing: list[dict] | None = None) -> str:
             if row.get("margins"):
                 lines.append(f"| {row['label']} | " + " | ".join(_margin_cell(row["margins"][t]) for t in tasks) + " |")
     if routing:
-        lines += ["", *_routing_markdown(routing)]
+        lines += ["", *_routing_markdown(routing, comparison["paired_seeds"])]
     return "\n".join(lines) + "\n"
 
 
@@ -658,26 +658,121 @@ def _csv_value(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _routing_markdown(routing: list[dict]) -> list[str]:
+# The paper's Figure 4-5 routing metrics: (key in a layer's record, name, scale to the unit shown, unit).
+ROUTING_METRICS = (("partner_coactivation", "partner co-activation", 100, "points"),
+                   ("avg_cosine_similarity", "gate cosine similarity", 1, ""),
+                   ("spectral_entropy", "spectral entropy", 1, ""),
+                   ("zero_token_count", "zero-token experts", 1, "experts"))
+END_OF_TRAINING = 0.75  # a run's routing: the mean over its logged steps after 75% of its last step
+
+
+def routing_differences(baseline: list[list[dict]], model: list[list[dict]], paired: bool) -> dict[str, dict]:
+    """Each ``ROUTING_METRICS`` metric of ``model``'s runs minus ``baseline``'s, seed by seed.
+
+    ``baseline``, ``model``: per run (seed), its layers' metric records (the same layer count).
+    Per metric: ``layers``, a ``seed_level_test`` per layer, and ``overall``, one of the mean
+    over layers, in the unit shown (co-activation in points). The overall tests are the claims:
+    Holm over the metrics, ``significant`` only at the method level (3+ seeds per arm, a spread
+    above 0); per-layer intervals are descriptive.
+    """
+    if {len(run) for run in baseline + model} != {len(baseline[0])}:
+        raise ValueError("routing differences need the same MoE layers in every run")
+    out = {}
+    for key, name, scale, unit in ROUTING_METRICS:
+        def values(runs):
+            return np.array([[scale * layer[key] for layer in run] for run in runs])
+
+        base, other = values(baseline), values(model)
+        out[key] = {"name": name, "unit": unit,
+                    "layers": [paired_stats.seed_level_test(base[:, i], other[:, i], paired) for i in range(base.shape[1])],
+                    "overall": paired_stats.seed_level_test(base.mean(axis=1), other.mean(axis=1), paired)}
+    tests = [out[key]["overall"] for key, *_ in ROUTING_METRICS]
+    claimable = min(tests[0]["seeds"]) >= paired_stats.MIN_SEEDS
+    for test, adjusted in zip(tests, paired_stats.holm([test["p_value"] for test in tests])):
+        test["p_adjusted"] = adjusted
+        test["significant"] = claimable and not test["zero_spread"] and adjusted < paired_stats.ALPHA
+    return out
+
+
+def _interval(test: dict, unit: str) -> str:
+    if math.isnan(test["ci95_low"]):
+        why = "seed spread 0" if test["zero_spread"] else "one seed"
+        return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (no interval: {why})"
+    return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (95% CI {test['ci95_low']:+.3g} to {test['ci95_high']:+.3g})"
+
+
+def routing_verdict(label: str, baseline: str, differences: dict[str, dict], paired: bool, what: str) -> str:
+    """One sentence per arm: each metric's overall difference to the baseline, its interval and the claim."""
+    seeds = differences[ROUTING_METRICS[0][0]]["overall"]["seeds"]
+    design = f"{seeds[0]} and {seeds[1]} seeds, {'paired by seed' if paired else 'unpaired'}"
+    parts = []
+    for key, *_ in ROUTING_METRICS:
+        entry, test = differences[key], differences[key]["overall"]
+        verdict = ("an effect" if test["significant"] else "no effect detected") \
+            if min(seeds) >= paired_stats.MIN_SEEDS and not test["zero_spread"] else "no claim"
+        parts.append(f"{entry['name']} {_interval(test, entry['unit'])}, {verdict}")
+    lead = f"**{label}** vs {baseline}, {what} ({design}; mean over layers, seed-level t intervals, Holm over the " \
+           f"{len(ROUTING_METRICS)} metrics)"
+    if min(seeds) < paired_stats.MIN_SEEDS:
+        lead += f": no claim about the method with fewer than {paired_stats.MIN_SEEDS} seeds per arm"
+    return f"{lead}: " + "; ".join(parts) + "."
+
+
+def routing_difference_table(label: str, differences: dict[str, dict]) -> list[str]:
+    """Markdown rows: per metric, each layer's and the overall difference with its interval."""
+    lines = []
+    for key, *_ in ROUTING_METRICS:
+        entry = differences[key]
+        name = f"{entry['name']} ({entry['unit']})" if entry["unit"] else entry["name"]
+        cells = [_interval(test, "") for test in entry["layers"]] + [_interval(entry["overall"], "")]
+        lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _routing_markdown(routing: list[dict], paired: bool) -> list[str]:
+    layers = len(routing[0]["layers"])
     lines = ["## How much GatePro changed routing", "",
              "Flip rate: the percentage of tokens whose top-k expert set GatePro changes, averaged over the "
              "logged training steps; in an arm trained without GatePro it is what the paper's setting *would* "
              "have changed (not applied).", "",
-             "| model | GatePro at evaluation | " + " | ".join(f"layer {i}" for i in range(len(routing[0]["layers"])))
-             + " | all layers |", "|" + " --- |" * (len(routing[0]["layers"]) + 3)]
+             "| model | GatePro at evaluation | " + " | ".join(f"layer {i}" for i in range(layers))
+             + " | all layers |", "|" + " --- |" * (layers + 3)]
     for entry in routing:
         cells = " | ".join(f"{100 * value:.3f}%" for value in entry["layers"])
         lines.append(f"| {entry['label']} | {entry['applied']} | {cells} | {100 * entry['overall']:.3f}% |")
+    compared = [entry for entry in routing[1:] if entry.get("vs_baseline")]
+    if compared:
+        lines += ["", "### Routing at the end of training, to the baseline", "",
+                  f"Each run's routing metrics averaged over its logged steps after {END_OF_TRAINING:.0%} of training "
+                  "(the paper's Figures 4 and 5: partner co-activation, in points; gate cosine similarity; spectral "
+                  "entropy; experts with no token in a batch), each arm minus the baseline with a seed-level 95% t "
+                  "interval (docs/statistics.md).", ""]
+        lines += [routing_verdict(entry["label"], routing[0]["label"], entry["vs_baseline"], paired,
+                                  "during training") for entry in compared]
+        lines += ["", "| model | metric | " + " | ".join(f"layer {i}" for i in range(layers)) + " | all layers |",
+                  "|" + " --- |" * (layers + 3)]
+        for entry in compared:
+            lines += routing_difference_table(entry["label"], entry["vs_baseline"])
     return lines
 
 
-def routing_summary(arms: list[Arm]) -> list[dict]:
-    """Per arm whose runs have training metrics files: mean flip rate per layer and overall, over seeds."""
+def _end_of_training(records: list[dict]) -> list[dict]:
+    """A run's layers' metrics averaged over its logged steps after ``END_OF_TRAINING`` of its last step."""
+    last = records[-1]["step"]
+    late = [record for record in records if record["step"] >= END_OF_TRAINING * last]
+    return [{key: statistics.fmean(record["layers"][i][key] for record in late) for key, *_ in ROUTING_METRICS
+             if all(key in record["layers"][i] for record in late)} for i in range(len(late[0]["layers"]))]
+
+
+def routing_summary(arms: list[Arm], paired_seeds: bool = False) -> list[dict]:
+    """Per arm whose runs all have training metrics files: mean flip rate per layer and overall over
+    seeds, and (arms after the first, where the baseline has them too) ``vs_baseline``:
+    ``routing_differences`` of the end-of-training routing."""
     summary = []
     for arm in arms:
         folders = [os.path.dirname(result["_source"]) for result in arm.results]
         runs = [records for folder in folders if (records := read_records(os.path.join(folder, METRICS_FILE)))]
-        if not runs:
+        if not runs or len(runs) < len(folders):
             continue
         records = [record for run in runs for record in run]
         layers = [statistics.fmean(record["layers"][i]["flip_rate"] for record in records)
@@ -686,7 +781,14 @@ def routing_summary(arms: list[Arm]) -> list[dict]:
         applied = f"on, lambda {gatepro['penalty']:g}" + (", hard" if gatepro.get("hard") else "") \
             if gatepro and gatepro.get("enabled") else "off"
         summary.append({"label": arm.label, "applied": applied, "layers": layers, "overall": statistics.fmean(layers),
-                        "runs": runs})
+                        "runs": runs, "end_of_training": [_end_of_training(run) for run in runs]})
+    if summary and summary[0]["label"] == arms[0].label:
+        measured = all(all(key in layer for key, *_ in ROUTING_METRICS for run in entry["end_of_training"] for layer in run)
+                       for entry in summary)  # runs before 0.2 lack partner co-activation
+        for entry in summary[1:]:
+            if measured and (not paired_seeds or len(entry["runs"]) == len(summary[0]["runs"])):
+                entry["vs_baseline"] = routing_differences(summary[0]["end_of_training"], entry["end_of_training"],
+                                                           paired_seeds)
     return summary
 
 
@@ -733,7 +835,9 @@ def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, 
         raise ValueError(f"compare needs two or more groups; got {len(groups)}")
     arms = load_arms(groups, suite)
     comparison = compare_arms(arms, out_dir, paired_seeds, seed_sd)
-    routing = routing_summary(arms)
+    routing = routing_summary(arms, paired_seeds)
+    comparison["routing"] = [{"label": entry["label"], "vs_baseline": entry["vs_baseline"]} for entry in routing
+                             if entry.get("vs_baseline")]
     os.makedirs(out_dir, exist_ok=True)
     from olmoe_gatepro.evaluation.plots import plot_deltas
 
