@@ -56,6 +56,13 @@ def register(command) -> None:
                          help="Hugging Face folders, hub ids or OLMo-core checkpoint folders; the first is the reference")
     inspect.add_argument("--label", action="extend", nargs="+", default=[],
                          help="the models' names in the report, one per model")
+    inspect.add_argument("--arm", action="extend", nargs="+", default=[],
+                         help="the arm (recipe) each model is a seed of, one per model; the first model's arm is the "
+                              "baseline, and the verdict compares arms with seeds as the unit (default: one arm per model)")
+    inspect.add_argument("--paired-seeds", action="store_true",
+                         help="the i-th model of every arm shares initial weights and data order with the baseline's i-th")
+    inspect.add_argument("--baseline-partners", action="store_true",
+                         help="score every model's partner co-activation on the baseline's partner pairs")
     inspect.add_argument("--revision", action="extend", nargs="+", default=[],
                          help="hub revision: once for all models, or once per model")
     inspect.add_argument("--tokens", default=None, metavar="FILE.npy", help="an OLMo-core token file (flat token ids)")
@@ -248,13 +255,17 @@ def inspect_command(args, overrides, command) -> int:
     if os.path.exists(os.path.join(args.out, "routing.json")) and not args.overwrite:
         command.error(f"--out {args.out} already holds routing.json; pass --overwrite to replace it, or choose another --out")
     revisions = per_model(args.revision, "--revision", count, command)
-    models = [ModelToInspect(model, label, revision, setting)
-              for model, label, revision, setting in zip(args.models, labels, revisions, gatepro)]
+    if args.arm and len(args.arm) != count:
+        command.error(f"--arm is given {len(args.arm)} times for {count} models: give one per model")
+    models = [ModelToInspect(model, label, revision, setting, arm)
+              for model, label, revision, setting, arm in zip(args.models, labels, revisions, gatepro,
+                                                              args.arm or [None] * count)]
     source = TextSource(tokens=args.tokens, tokens_dtype=args.tokens_dtype, texts=tuple(args.text),
                         max_tokens=args.max_tokens, sequence_length=args.sequence_length)
     try:
         routing = inspect_models(models, source, penalties=tuple(args.penalties), batch_size=args.batch_size,
-                                 device=chosen, dtype=dtype)
+                                 device=chosen, dtype=dtype, paired_seeds=args.paired_seeds,
+                                 baseline_partners=args.baseline_partners)
     except ValueError as error:
         command.error(str(error))
     names = write_report(routing, args.out)

@@ -43,8 +43,8 @@ from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, load_samples
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 
-__all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "Arm", "load_arms", "compare_arms",
-           "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
+__all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "ROUTING_METRICS", "Arm", "load_arms",
+           "compare_arms", "routing_differences", "routing_verdict", "routing_difference_table", "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
 
 PRIMARY, PAPER_AVERAGE = "pooled", "avg"
 # The paper's Table 2 (OLMoE-1B-7B, 400B tokens): GatePro minus baseline, in points.
@@ -265,6 +265,49 @@ def _column_stats(baseline: Arm, other: Arm, tasks: list[str], columns: list[str
     return out
 
 
+def _has_margins(arm: Arm) -> bool:
+    return arm.samples is not None and all(outcome.margin is not None for run in arm.samples
+                                           for items in run.values() for outcome in items.values())
+
+
+def _margin_stats(baseline: Arm, other: Arm, tasks: list[str], paired_seeds: bool,
+                  accuracy: dict[str, dict]) -> dict[str, dict] | None:
+    """Per task, the paired test of the right choice's margin (continuous), beside accuracy's.
+
+    Levels as for accuracy: seeds as the unit with 3+ per arm (the per-run mean margin), else
+    these checkpoints' items; Holm over the tasks (a family of its own). ``snr`` is |delta| /
+    se of the test shown, ``snr_ratio`` the margin's over accuracy's at the same level: how
+    many times better the margin separates the two rows (its square: the factor of items saved).
+    None without margins in every run of both rows.
+    """
+    if not (_has_margins(baseline) and _has_margins(other)):
+        return None
+
+    def per_run(arm: Arm, task: str) -> list[float]:
+        return [statistics.fmean(outcome.margin for outcome in run[task].values()) for run in arm.samples]
+
+    by_task = {}
+    for task in tasks:
+        base, model = per_run(baseline, task), per_run(other, task)
+        method = paired_stats.seed_level_test(base, model, paired_seeds) if min(len(base), len(model)) >= 2 else None
+        items = _paired_task(baseline, other, task, value=lambda outcome: outcome.margin, counts=False)
+        by_task[task] = {"method": method, "checkpoints": paired_stats.item_paired_test([items])}
+    for level in ("method", "checkpoints"):
+        _adjust(by_task, level, tasks)
+    out = {}
+    for task in tasks:
+        level = accuracy[task]["level"]
+        shown = by_task[task][level]
+        accuracy_test = accuracy[task]["method_test" if level == "method" else "checkpoint_test"]
+        snr = abs(shown["delta"]) / shown["se"] if shown["se"] > 0 else math.nan
+        accuracy_snr = abs(accuracy_test["delta"]) / accuracy_test["se"] if accuracy_test["se"] > 0 else math.nan
+        out[task] = {"level": level, **{key: shown[key] for key in ("delta", "ci95_low", "ci95_high", "p_value",
+                                                                      "p_adjusted", "significant", "test", "se")},
+                     "snr": snr, "accuracy_snr": accuracy_snr,
+                     "snr_ratio": snr / accuracy_snr if accuracy_snr > 0 else math.nan}
+    return out
+
+
 def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False,
                  seed_sd: dict[str, float] | None = None) -> dict:
     """The comparison as a JSON-ready dict: method, and per row and column scores and statistics.
@@ -306,6 +349,8 @@ def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False
             }
             entry.update(column_stats.get(column, {}))
             row["columns"][column] = entry
+        if index:
+            row["margins"] = _margin_stats(arms[0], arm, tasks, paired_seeds, column_stats)
         rows.append(row)
     return {
         "baseline": arms[0].label,
@@ -333,6 +378,9 @@ def compare_arms(arms: list[Arm], out_dir: str = ".", paired_seeds: bool = False
             "paper_delta": "the paper's Table 2 (OLMoE-1B-7B, 400B tokens), GatePro minus baseline; the pooled "
                            "column's is implied at this comparison's item counts",
             "seeds_needed": "seeds per arm for the method-level test to find the paper's delta with 80% power",
+            "margins": "per task, the right choice's score minus the best wrong one's (log-likelihood, per character "
+                       "for acc_norm/len_norm), tested like accuracy at the same level, Holm over the tasks; snr: "
+                       "|delta| / standard error, snr_ratio: the margin's over accuracy's",
         },
         "rows": rows,
     }
@@ -489,9 +537,32 @@ def _verdict(row: dict, comparison: dict) -> str:
                                       f"({'seed-averaged, ' if max(seeds) > 1 else ''}"
                                       f"{'item-paired' if row['paired'] else 'unpaired: per-item results are missing'}; "
                                       f"task columns Holm-adjusted over {len(tasks)}):")
+    if row.get("margins"):
+        sentences.append(_margin_sentence(row["margins"], tasks))
     sentences.append(_paper_sentence(row, columns))
     sentences.append(_seeds_sentence(row, columns))
     return " ".join(sentences)
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2g}x"
+
+
+def _margin_sentence(margins: dict[str, dict], tasks: list[str]) -> str:
+    found = [f"{'higher' if margins[t]['delta'] > 0 else 'lower'} on {_title(t)} by {abs(margins[t]['delta']):.3g} "
+             f"(95% CI {margins[t]['ci95_low']:+.3g} to {margins[t]['ci95_high']:+.3g}, Holm-adjusted p = "
+             f"{margins[t]['p_adjusted']:.3g}{'' if margins[t]['level'] == 'method' else ', these checkpoints'})"
+             for t in tasks if margins[t]["significant"]]
+    none = [_title(t) for t in tasks if not margins[t]["significant"]]
+    parts = []
+    if found:
+        parts.append("; ".join(found))
+    if none:
+        parts.append(f"no difference detected on {', '.join(none)}")
+    ratios = ", ".join(f"{_title(t)} {_ratio(margins[t]['snr_ratio'])}" for t in tasks)
+    return (f"Margin of the right choice over the best wrong one (continuous, tested at the same level as accuracy, "
+            f"Holm over the tasks): {'; '.join(parts)}. Its signal-to-noise (|Δ| / standard error) over accuracy's: "
+            f"{ratios}.")
 
 
 def _cell(entry: dict, is_baseline: bool) -> str:
@@ -504,6 +575,12 @@ def _cell(entry: dict, is_baseline: bool) -> str:
     mark = _MARKS[entry["level"]] if entry["significant"] else ""
     flag = " (seed spread 0)" if entry["zero_seed_spread"] else ""
     return f"{text} (Δ {entry['delta']:+.2f}{mark} [{entry['ci95_low']:+.2f}, {entry['ci95_high']:+.2f}]{flag})"
+
+
+def _margin_cell(entry: dict) -> str:
+    mark = _MARKS[entry["level"]] if entry["significant"] else ""
+    return (f"Δ {entry['delta']:+.3g}{mark} [{entry['ci95_low']:+.3g}, {entry['ci95_high']:+.3g}] "
+            f"(SNR ratio {_ratio(entry['snr_ratio'])})")
 
 
 def _legend(comparison: dict) -> str:
@@ -542,8 +619,19 @@ def to_markdown(comparison: dict, routing: list[dict] | None = None) -> str:
     ]
     for index, row in enumerate(rows):
         lines.append(f"| {row['label']} | " + " | ".join(_cell(row["columns"][c], index == 0) for c in columns) + " |")
+    if any(row.get("margins") for row in rows[1:]):
+        tasks = comparison["tasks"]
+        lines += ["", "## Margin of the right choice", "",
+                  "Per task, the mean over items of the right choice's score minus the best wrong choice's (log-likelihood;"
+                  " per character where the task's metric normalises by length), to the baseline, with its 95% interval "
+                  "at the level accuracy is tested (* method, † checkpoints; Holm over the tasks). SNR ratio: its "
+                  "|Δ| / standard error over accuracy's.", "",
+                  "| model | " + " | ".join(_title(t) for t in tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
+        for row in rows[1:]:
+            if row.get("margins"):
+                lines.append(f"| {row['label']} | " + " | ".join(_margin_cell(row["margins"][t]) for t in tasks) + " |")
     if routing:
-        lines += ["", *_routing_markdown(routing)]
+        lines += ["", *_routing_markdown(routing, comparison["paired_seeds"])]
     return "\n".join(lines) + "\n"
 
 
@@ -570,26 +658,121 @@ def _csv_value(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _routing_markdown(routing: list[dict]) -> list[str]:
+# The paper's Figure 4-5 routing metrics: (key in a layer's record, name, scale to the unit shown, unit).
+ROUTING_METRICS = (("partner_coactivation", "partner co-activation", 100, "points"),
+                   ("avg_cosine_similarity", "gate cosine similarity", 1, ""),
+                   ("spectral_entropy", "spectral entropy", 1, ""),
+                   ("zero_token_count", "zero-token experts", 1, "experts"))
+END_OF_TRAINING = 0.75  # a run's routing: the mean over its logged steps after 75% of its last step
+
+
+def routing_differences(baseline: list[list[dict]], model: list[list[dict]], paired: bool) -> dict[str, dict]:
+    """Each ``ROUTING_METRICS`` metric of ``model``'s runs minus ``baseline``'s, seed by seed.
+
+    ``baseline``, ``model``: per run (seed), its layers' metric records (the same layer count).
+    Per metric: ``layers``, a ``seed_level_test`` per layer, and ``overall``, one of the mean
+    over layers, in the unit shown (co-activation in points). The overall tests are the claims:
+    Holm over the metrics, ``significant`` only at the method level (3+ seeds per arm, a spread
+    above 0); per-layer intervals are descriptive.
+    """
+    if {len(run) for run in baseline + model} != {len(baseline[0])}:
+        raise ValueError("routing differences need the same MoE layers in every run")
+    out = {}
+    for key, name, scale, unit in ROUTING_METRICS:
+        def values(runs):
+            return np.array([[scale * layer[key] for layer in run] for run in runs])
+
+        base, other = values(baseline), values(model)
+        out[key] = {"name": name, "unit": unit,
+                    "layers": [paired_stats.seed_level_test(base[:, i], other[:, i], paired) for i in range(base.shape[1])],
+                    "overall": paired_stats.seed_level_test(base.mean(axis=1), other.mean(axis=1), paired)}
+    tests = [out[key]["overall"] for key, *_ in ROUTING_METRICS]
+    claimable = min(tests[0]["seeds"]) >= paired_stats.MIN_SEEDS
+    for test, adjusted in zip(tests, paired_stats.holm([test["p_value"] for test in tests])):
+        test["p_adjusted"] = adjusted
+        test["significant"] = claimable and not test["zero_spread"] and adjusted < paired_stats.ALPHA
+    return out
+
+
+def _interval(test: dict, unit: str) -> str:
+    if math.isnan(test["ci95_low"]):
+        why = "seed spread 0" if test["zero_spread"] else "one seed"
+        return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (no interval: {why})"
+    return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (95% CI {test['ci95_low']:+.3g} to {test['ci95_high']:+.3g})"
+
+
+def routing_verdict(label: str, baseline: str, differences: dict[str, dict], paired: bool, what: str) -> str:
+    """One sentence per arm: each metric's overall difference to the baseline, its interval and the claim."""
+    seeds = differences[ROUTING_METRICS[0][0]]["overall"]["seeds"]
+    design = f"{seeds[0]} and {seeds[1]} seeds, {'paired by seed' if paired else 'unpaired'}"
+    parts = []
+    for key, *_ in ROUTING_METRICS:
+        entry, test = differences[key], differences[key]["overall"]
+        verdict = ("an effect" if test["significant"] else "no effect detected") \
+            if min(seeds) >= paired_stats.MIN_SEEDS and not test["zero_spread"] else "no claim"
+        parts.append(f"{entry['name']} {_interval(test, entry['unit'])}, {verdict}")
+    lead = f"**{label}** vs {baseline}, {what} ({design}; mean over layers, seed-level t intervals, Holm over the " \
+           f"{len(ROUTING_METRICS)} metrics)"
+    if min(seeds) < paired_stats.MIN_SEEDS:
+        lead += f": no claim about the method with fewer than {paired_stats.MIN_SEEDS} seeds per arm"
+    return f"{lead}: " + "; ".join(parts) + "."
+
+
+def routing_difference_table(label: str, differences: dict[str, dict]) -> list[str]:
+    """Markdown rows: per metric, each layer's and the overall difference with its interval."""
+    lines = []
+    for key, *_ in ROUTING_METRICS:
+        entry = differences[key]
+        name = f"{entry['name']} ({entry['unit']})" if entry["unit"] else entry["name"]
+        cells = [_interval(test, "") for test in entry["layers"]] + [_interval(entry["overall"], "")]
+        lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _routing_markdown(routing: list[dict], paired: bool) -> list[str]:
+    layers = len(routing[0]["layers"])
     lines = ["## How much GatePro changed routing", "",
              "Flip rate: the percentage of tokens whose top-k expert set GatePro changes, averaged over the "
              "logged training steps; in an arm trained without GatePro it is what the paper's setting *would* "
              "have changed (not applied).", "",
-             "| model | GatePro at evaluation | " + " | ".join(f"layer {i}" for i in range(len(routing[0]["layers"])))
-             + " | all layers |", "|" + " --- |" * (len(routing[0]["layers"]) + 3)]
+             "| model | GatePro at evaluation | " + " | ".join(f"layer {i}" for i in range(layers))
+             + " | all layers |", "|" + " --- |" * (layers + 3)]
     for entry in routing:
         cells = " | ".join(f"{100 * value:.3f}%" for value in entry["layers"])
         lines.append(f"| {entry['label']} | {entry['applied']} | {cells} | {100 * entry['overall']:.3f}% |")
+    compared = [entry for entry in routing[1:] if entry.get("vs_baseline")]
+    if compared:
+        lines += ["", "### Routing at the end of training, to the baseline", "",
+                  f"Each run's routing metrics averaged over its logged steps after {END_OF_TRAINING:.0%} of training "
+                  "(the paper's Figures 4 and 5: partner co-activation, in points; gate cosine similarity; spectral "
+                  "entropy; experts with no token in a batch), each arm minus the baseline with a seed-level 95% t "
+                  "interval (docs/statistics.md).", ""]
+        lines += [routing_verdict(entry["label"], routing[0]["label"], entry["vs_baseline"], paired,
+                                  "during training") for entry in compared]
+        lines += ["", "| model | metric | " + " | ".join(f"layer {i}" for i in range(layers)) + " | all layers |",
+                  "|" + " --- |" * (layers + 3)]
+        for entry in compared:
+            lines += routing_difference_table(entry["label"], entry["vs_baseline"])
     return lines
 
 
-def routing_summary(arms: list[Arm]) -> list[dict]:
-    """Per arm whose runs have training metrics files: mean flip rate per layer and overall, over seeds."""
+def _end_of_training(records: list[dict]) -> list[dict]:
+    """A run's layers' metrics averaged over its logged steps after ``END_OF_TRAINING`` of its last step."""
+    last = records[-1]["step"]
+    late = [record for record in records if record["step"] >= END_OF_TRAINING * last]
+    return [{key: statistics.fmean(record["layers"][i][key] for record in late) for key, *_ in ROUTING_METRICS
+             if all(key in record["layers"][i] for record in late)} for i in range(len(late[0]["layers"]))]
+
+
+def routing_summary(arms: list[Arm], paired_seeds: bool = False) -> list[dict]:
+    """Per arm whose runs all have training metrics files: mean flip rate per layer and overall over
+    seeds, and (arms after the first, where the baseline has them too) ``vs_baseline``:
+    ``routing_differences`` of the end-of-training routing."""
     summary = []
     for arm in arms:
         folders = [os.path.dirname(result["_source"]) for result in arm.results]
         runs = [records for folder in folders if (records := read_records(os.path.join(folder, METRICS_FILE)))]
-        if not runs:
+        if not runs or len(runs) < len(folders):
             continue
         records = [record for run in runs for record in run]
         layers = [statistics.fmean(record["layers"][i]["flip_rate"] for record in records)
@@ -598,7 +781,14 @@ def routing_summary(arms: list[Arm]) -> list[dict]:
         applied = f"on, lambda {gatepro['penalty']:g}" + (", hard" if gatepro.get("hard") else "") \
             if gatepro and gatepro.get("enabled") else "off"
         summary.append({"label": arm.label, "applied": applied, "layers": layers, "overall": statistics.fmean(layers),
-                        "runs": runs})
+                        "runs": runs, "end_of_training": [_end_of_training(run) for run in runs]})
+    if summary and summary[0]["label"] == arms[0].label:
+        measured = all(all(key in layer for key, *_ in ROUTING_METRICS for run in entry["end_of_training"] for layer in run)
+                       for entry in summary)  # runs before 0.2 lack partner co-activation
+        for entry in summary[1:]:
+            if measured and (not paired_seeds or len(entry["runs"]) == len(summary[0]["runs"])):
+                entry["vs_baseline"] = routing_differences(summary[0]["end_of_training"], entry["end_of_training"],
+                                                           paired_seeds)
     return summary
 
 
@@ -645,7 +835,9 @@ def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, 
         raise ValueError(f"compare needs two or more groups; got {len(groups)}")
     arms = load_arms(groups, suite)
     comparison = compare_arms(arms, out_dir, paired_seeds, seed_sd)
-    routing = routing_summary(arms)
+    routing = routing_summary(arms, paired_seeds)
+    comparison["routing"] = [{"label": entry["label"], "vs_baseline": entry["vs_baseline"]} for entry in routing
+                             if entry.get("vs_baseline")]
     os.makedirs(out_dir, exist_ok=True)
     from olmoe_gatepro.evaluation.plots import plot_deltas
 

@@ -14,6 +14,12 @@ measures, per MoE layer, from each router's own input and choice:
   (against the stock choice, with the partners of the router as it is);
 - the gate similarity metrics of the paper's Appendix C.
 
+Models can be grouped into arms (``ModelToInspect.arm``: seeds of one recipe, the first model's
+arm the baseline): ``routing.md`` then opens with a verdict per arm, each of partner
+co-activation, gate cosine similarity, spectral entropy and zero-token experts minus the
+baseline's with a seed-level interval (``compare.routing_differences``), per layer and over
+layers; ``baseline_partners`` scores every model's co-activation on the baseline's partner pairs.
+
 Inputs: a Hugging Face folder, a hub id (``revision``), or an OLMo-core checkpoint folder
 (converted into a temporary folder that is removed afterwards). Text: a flat token file (raw
 OLMo-core ``.npy`` or ``numpy.save`` format), text files, or by default the benchmark items
@@ -42,7 +48,7 @@ from olmoe_gatepro.jsonl import write_text_atomically
 from olmoe_gatepro.checkpoints import cannot_load, check_model_files, model_kind
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
-__all__ = ["ModelToInspect", "TextSource", "inspect_models", "write_report", "to_markdown",
+__all__ = ["ModelToInspect", "TextSource", "inspect_models", "arm_differences", "write_report", "to_markdown",
            "to_csv", "summary_markdown"]
 
 QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
@@ -57,6 +63,7 @@ class ModelToInspect:
     label: str
     revision: str | None = None
     gatepro: GateProConfig | None = None  # None: routing as loaded (stock)
+    arm: str | None = None  # the arm (recipe) this model is a seed of; None: its label (an arm of its own)
 
 
 @dataclass(frozen=True)
@@ -133,11 +140,13 @@ def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: in
 class _LayerTally:
     """Accumulates one router's routing over batches (on the host, float64 / int64)."""
 
-    def __init__(self, router, penalties: dict[str, float], gatepro: GateProConfig):
+    def __init__(self, router, penalties: dict[str, float], gatepro: GateProConfig, scored_partners=None):
         self.weight = router.weight.detach().float().reshape(router.num_experts, -1)
         self.num_experts, self.top_k = router.num_experts, router.top_k
         self.penalties, self.gatepro = penalties, gatepro
         self.partners = competition_partners(self.weight)
+        # the pairs partner co-activation is scored on: this router's own, or (given) another model's
+        self.scored_partners = self.partners if scored_partners is None else torch.tensor(scored_partners)
         self.rule_partners = competition_partners(self.weight, gatepro.num_competitors)
         self.coactivation = torch.zeros(self.num_experts, self.num_experts, dtype=torch.int64)
         self.hits = 0
@@ -149,7 +158,7 @@ class _LayerTally:
         logits = F.linear(hidden.reshape(-1, self.weight.shape[1]), self.weight.to(hidden.dtype)).float()
         chosen = chosen.reshape(-1, self.top_k)
         self.coactivation += metrics.coactivation_matrix(chosen, self.num_experts).cpu()
-        self.hits += metrics.partner_hits(chosen, self.partners.to(chosen.device)).item()
+        self.hits += metrics.partner_hits(chosen, self.scored_partners.to(chosen.device)).item()
         self.margins.append(metrics.boundary_margins(logits, self.top_k).cpu())
         stock = logits.topk(self.top_k, dim=-1).indices
         for key, penalty in self.penalties.items():
@@ -211,19 +220,34 @@ def inspect_models(
     batch_size: int = 2,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    paired_seeds: bool = False,
+    baseline_partners: bool = False,
 ) -> dict:
     """Route ``source`` through each model in turn; the ``routing.json`` record of all of them.
 
     ``penalties``: lambdas as written by the user (the keys of ``margin_below`` and ``flip_rate``).
-    Nothing is written; every bad input is a ValueError naming it.
+    Models sharing an ``arm`` are seeds of one recipe; the first model's arm is the baseline.
+    ``paired_seeds``: the i-th model of every arm shares initial weights and data order with
+    the baseline's i-th. ``baseline_partners``: score every model's partner co-activation on the
+    baseline's partner pairs (its i-th model's when paired, else its first's), so that arms are
+    compared on the same pairs (meaningful where they share initial weights). Nothing is
+    written; every bad input is a ValueError naming it.
     """
     from olmoe_gatepro.transformers.patch import moe_routers, patch_transformers
 
     parsed = _parse_penalties(penalties)
     for spec in models:
         model_kind(spec.model)
-    records = []
-    for spec in models:
+    arms = _arms(models, paired_seeds)
+    baseline = arms[next(iter(arms))]
+    # the baseline's models first: their partner pairs score the others with ``baseline_partners``
+    order = sorted(range(len(models)), key=lambda i: i not in baseline)
+    records: dict[int, dict] = {}
+    for index in order:
+        spec = models[index]
+        source_index = (baseline[arms[_arm(spec)].index(index)] if paired_seeds else baseline[0]) \
+            if baseline_partners else index
+        scored = None if source_index == index else [layer["partners"] for layer in records[source_index]["layers"]]
         with _loaded(spec, device, dtype) as (model, path):
             try:
                 routers = moe_routers(model)
@@ -238,18 +262,41 @@ def inspect_models(
             if spec.gatepro is not None:
                 patch_transformers(model=model, config=spec.gatepro)
             rule = spec.gatepro or GateProConfig()
-            tallies = [_LayerTally(router, parsed, rule) for router in routers]
+            if scored is not None and (len(scored) != len(routers) or
+                                       any(len(pairs) != router.num_experts for pairs, router in zip(scored, routers))):
+                raise ValueError(f"--baseline-partners: {spec.label} has other MoE layers or experts than "
+                                 f"{models[source_index].label}; its partner pairs cannot be scored on the baseline's")
+            tallies = [_LayerTally(router, parsed, rule, None if scored is None else scored[i])
+                       for i, router in enumerate(routers)]
             _route(model, routers, windows, batch_size, tallies, spec.label, device)
-        records.append({
+        records[index] = {
             "label": spec.label,
+            "arm": _arm(spec),
             "model": spec.model,
             "revision": spec.revision,
             "tokens": sum(window.numel() for window in windows),
             "sequence_length": length,
             "gatepro": None if spec.gatepro is None else asdict(spec.gatepro),
+            "partners_from": models[source_index].label,
             "layers": [tally.summary(layer) for layer, tally in enumerate(tallies)],
-        })
-    return {"penalties": list(penalties), "text": _describe(source), "models": records}
+        }
+    return {"penalties": list(penalties), "text": _describe(source), "paired_seeds": paired_seeds,
+            "baseline_partners": baseline_partners, "models": [records[index] for index in range(len(models))]}
+
+
+def _arm(spec: ModelToInspect) -> str:
+    return spec.arm or spec.label
+
+
+def _arms(models: list[ModelToInspect], paired_seeds: bool) -> dict[str, list[int]]:
+    """{arm: indices of its models}, in order of first appearance; paired arms need equal sizes."""
+    arms: dict[str, list[int]] = {}
+    for index, spec in enumerate(models):
+        arms.setdefault(_arm(spec), []).append(index)
+    if paired_seeds and len({len(indices) for indices in arms.values()}) > 1:
+        raise ValueError("--paired-seeds needs as many models in every arm; got "
+                         + ", ".join(f"{arm}: {len(indices)}" for arm, indices in arms.items()))
+    return arms
 
 
 def _parse_penalties(penalties: tuple[str, ...]) -> dict[str, float]:
@@ -317,14 +364,52 @@ def _format(value) -> str:
     return str(value)
 
 
+def arm_differences(routing: dict) -> list[tuple[str, str, dict]]:
+    """(arm, baseline arm, ``compare.routing_differences``) for every arm after the first."""
+    from olmoe_gatepro.evaluation.compare import routing_differences
+
+    arms: dict[str, list[dict]] = {}
+    for model in routing["models"]:
+        arms.setdefault(model.get("arm", model["label"]), []).append(model)
+    names = list(arms)
+    return [(name, names[0], routing_differences([m["layers"] for m in arms[names[0]]], [m["layers"] for m in arms[name]],
+                                                 routing.get("paired_seeds", False)))
+            for name in names[1:]]
+
+
+def _verdict_lines(routing: dict, table: bool) -> list[str]:
+    from olmoe_gatepro.evaluation.compare import routing_difference_table, routing_verdict
+
+    compared = arm_differences(routing)
+    if not compared:
+        return []
+    partners = " Partner co-activation is scored on the baseline's partner pairs." if routing.get("baseline_partners") \
+        else " Partner co-activation is scored on each model's own partner pairs."
+    lines = [f"Arms are groups of models (--arm); seeds as the unit, each arm minus the baseline arm.{partners}", ""]
+    lines += [routing_verdict(arm, base, differences, routing.get("paired_seeds", False), "on the same text") + "\n"
+              for arm, base, differences in compared]
+    if table:
+        layers = len(routing["models"][0]["layers"])
+        lines += ["| arm | metric | " + " | ".join(f"layer {i}" for i in range(layers)) + " | all layers |",
+                  "|" + " --- |" * (layers + 3)]
+        for arm, _, differences in compared:
+            lines += routing_difference_table(arm, differences)
+        lines.append("")
+    return lines
+
+
 def to_markdown(routing: dict) -> str:
-    """Models side by side per layer, with the differences to the first model."""
+    """A verdict per arm, models side by side per layer, with the differences to the first model."""
     models = routing["models"]
-    lines = ["# Routing", "", "| model | source | revision | GatePro | tokens routed | window |", "|" + " --- |" * 6]
+    lines = ["# Routing", ""]
+    verdict = _verdict_lines(routing, table=True)
+    if verdict:
+        lines += ["## Verdict", "", *verdict, "## Models", ""]
+    lines += ["| model | arm | source | revision | GatePro | tokens routed | window |", "|" + " --- |" * 7]
     for model in models:
         gatepro = "stock" if model["gatepro"] is None else f"lambda {model['gatepro']['penalty']:g}"
-        lines.append(f"| {model['label']} | {model['model']} | {model['revision'] or '-'} | {gatepro} | "
-                     f"{model['tokens']} | {model['sequence_length']} |")
+        lines.append(f"| {model['label']} | {model.get('arm', model['label'])} | {model['model']} | "
+                     f"{model['revision'] or '-'} | {gatepro} | {model['tokens']} | {model['sequence_length']} |")
     lines += ["", "Partner co-activation: of the chosen experts, the fraction whose most similar expert (by router "
               "row cosine) is chosen for the same token too; GatePro exists to lower it, uniformly random top-k gives "
               "the chance level. Margin below lambda: the fraction of tokens whose k-th and (k+1)-th logits differ by "
@@ -358,7 +443,8 @@ def summary_markdown(routing: dict, details: str = "routing.md") -> str:
                  f"{mean(lambda layer: layer['load_imbalance']):.3f}"]
         cells += [f"{100 * mean(lambda layer, key=key: layer['flip_rate'][key]):.3f}%" for key in penalties]
         lines.append(f"| {model['label']} | {gatepro} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    verdict = _verdict_lines(routing, table=False)
+    return "\n".join(lines + ([""] + verdict if verdict else [])) + "\n"
 
 
 def to_csv(routing: dict) -> str:

@@ -24,7 +24,8 @@ import tempfile
 from olmoe_gatepro.checkpoints import check_model_files
 from olmoe_gatepro.evaluation.results import TASKS, result_record
 
-__all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "benchmark_texts", "write_offline_tasks", "evaluate"]
+__all__ = ["TASKS", "SCORE_METRIC", "shipped_datasets", "benchmark_texts", "write_offline_tasks", "item_record",
+           "task_items", "is_lm_eval_results", "stock_result", "stock_samples", "evaluate"]
 
 SCORE_METRIC = {"mmlu": "acc", "copa": "acc", "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm"}
 OFFLINE_PREFIX = "offline_"
@@ -136,19 +137,147 @@ def write_offline_tasks(folder: str) -> dict[str, str]:
     return names
 
 
-def _items(output: dict, name: str, task: str) -> list[dict]:
-    """Per-item outcomes of one task from lm-eval's logged samples (an MMLU group: its subjects)."""
+def _leaves(group_subtasks: dict, name: str) -> list[str]:
+    """The tasks with samples under ``name``: itself, or a group's subtasks, recursively, sorted."""
+    if not group_subtasks.get(name):  # a task (some lm-eval versions list tasks too, with no subtasks)
+        return [name]
+    return sorted(leaf for child in group_subtasks[name] for leaf in _leaves(group_subtasks, child))
+
+
+def _continuations(sample: dict) -> list[str]:
+    """Each choice's continuation, from a logged sample in memory (tuples) or in a file (``gen_args_i``)."""
+    arguments = sample["arguments"]
+    if isinstance(arguments, dict):
+        return [arguments[f"gen_args_{i}"]["arg_1"] for i in range(len(arguments))]
+    return [argument[1] for argument in arguments]
+
+
+def _gold(target, choices: list[str]) -> int:
+    """The index of the right choice from lm-eval's ``target`` (an index, or a choice's text; a file holds it as text)."""
+    if isinstance(target, int):
+        return target
+    if target in choices:
+        return choices.index(target)
+    if isinstance(target, str) and target.isdigit():
+        return int(target)
+    raise ValueError(f"target {target!r} is neither a choice nor a choice index")
+
+
+def item_record(task: str, item: str, sample: dict, metric: str, target_delimiter: str, where: str) -> dict:
+    """One multiple-choice item of an lm-eval logged sample, in our per-item schema.
+
+    ``correct``: lm-eval's own per-sample ``metric`` (1.0: right). ``logprob``: the summed
+    log-likelihood of the right choice (nats). ``margin``: its score minus the best wrong
+    choice's, under the metric's rule (``acc``: log-likelihood; ``acc_norm``: log-likelihood per
+    character of the choice, as lm-eval normalises), so ``margin > 0`` exactly when the item is
+    right (up to ties). A sample whose margin contradicts lm-eval's verdict is an error naming ``where``.
+    """
+    try:
+        continuations = _continuations(sample)
+        choices = [c[len(target_delimiter):] if c.startswith(target_delimiter) else c for c in continuations]
+        loglikelihoods = [float(response[0]) for response in sample["filtered_resps"]]
+        gold = _gold(sample["target"], choices)
+        correct = sample[metric] == 1.0
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ValueError(f"{where}: not an lm-eval multiple-choice sample with {metric} ({error})") from None
+    scores = [ll / len(choice) for ll, choice in zip(loglikelihoods, choices)] if metric == "acc_norm" else loglikelihoods
+    if len(scores) < 2 or not 0 <= gold < len(scores) or (max(range(len(scores)), key=scores.__getitem__) == gold) != correct:
+        raise ValueError(f"{where}: the choices' log-likelihoods do not reproduce lm-eval's {metric} "
+                         f"({'right' if correct else 'wrong'}, target {sample['target']!r}); cannot take its margin")
+    return {"task": task, "item": item, "correct": correct, "logprob": loglikelihoods[gold],
+            "margin": scores[gold] - max(score for index, score in enumerate(scores) if index != gold)}
+
+
+def task_items(task: str, name: str, samples: dict[str, list[dict]], configs: dict, group_subtasks: dict,
+               where) -> list[dict]:
+    """Per-item records of one task from lm-eval's logged samples (an MMLU group: its subjects).
+
+    ``samples``: {lm-eval task: logged samples}; items of a group's subtask are named
+    ``<subject>/<doc_id>``, others ``<doc_id>``. ``where(lm-eval task)`` names the source in errors.
+    """
     metric = SCORE_METRIC[task]
-    if task == "mmlu":
-        parts = [(subtask, subtask[len(name) + 1 :] + "/") for subtask in sorted(output["samples"])
-                 if subtask.startswith(name + "_")]
-    else:
-        parts = [(name, "")]
-    return [
-        {"task": task, "item": f"{prefix}{sample['doc_id']}", "correct": sample[metric] == 1.0}
-        for subtask, prefix in parts
-        for sample in output["samples"][subtask]
-    ]
+    records = []
+    for leaf in _leaves(group_subtasks, name):
+        prefix = leaf[len(name) + 1 :] + "/" if leaf != name else ""
+        delimiter = configs.get(leaf, {}).get("target_delimiter", " ")
+        for sample in samples[leaf]:
+            records.append(item_record(task, f"{prefix}{sample['doc_id']}", sample, metric, delimiter,
+                                       f"{where(leaf)}, doc {sample.get('doc_id')}"))
+    return records
+
+
+# Reading lm-eval's own output (``lm_eval --output_path OUT --log_samples``): OUT/<model>/results_<date>.json
+# (or OUT_<date>.json when OUT ends in .json) and samples_<task>_<date>.jsonl beside it, one per task.
+def is_lm_eval_results(data) -> bool:
+    """``data`` is the JSON of an lm-eval results file (``EvaluationTracker.save_results_aggregated``)."""
+    return isinstance(data, dict) and all(key in data for key in ("results", "configs", "config"))
+
+
+def stock_result(file: str, data: dict) -> dict:
+    """An lm-eval results file as a result in our schema (``_lm_eval`` locates its samples files).
+
+    Tasks: lm-eval's ``mmlu``, ``hellaswag``, ``arc_challenge``, ``piqa``, ``copa`` (suite
+    ``lm-eval``) or this package's offline ``offline_<task>`` (suite ``lm-eval-offline``), scored
+    by ``SCORE_METRIC``; other tasks in the file are left out. GatePro routing is not recorded
+    by lm-eval: ``gatepro`` is null.
+    """
+    results, group_subtasks = data["results"], data.get("group_subtasks", {})
+    found, suites = {}, set()
+    for task in TASKS:
+        names = [name for name in (task, OFFLINE_PREFIX + task) if name in results]
+        if len(names) > 1:
+            raise ValueError(f"{file}: holds both {names[0]} and {names[1]}; compare one suite at a time")
+        if names:
+            found[task] = names[0]
+            suites.add("lm-eval-offline" if names[0].startswith(OFFLINE_PREFIX) else "lm-eval")
+    if not found:
+        raise ValueError(f"{file}: an lm-eval results file without any of {list(TASKS)} "
+                         f"(it has {sorted(results)})")
+    if len(suites) > 1:
+        raise ValueError(f"{file}: mixes lm-eval's stock tasks and offline_ ones; compare one suite at a time")
+    tasks = {}
+    for task, name in found.items():
+        metric = SCORE_METRIC[task]
+        entry = results[name]
+        if not isinstance(entry.get(f"{metric},none"), (int, float)):
+            raise ValueError(f"{file}: results.{name} has no {metric!r} score (the metric compare reads for {task})")
+        samples = data.get("n-samples", {})
+        count = sum(samples.get(leaf, {}).get("effective", 0) for leaf in _leaves(group_subtasks, name))
+        stderr = entry.get(f"{metric}_stderr,none")
+        tasks[task] = {"score": float(entry[f"{metric},none"]), "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                       "samples": count or int(entry.get("sample_len", 0)) or 1, "metric": metric}
+    limit = data["config"].get("limit")
+    model = data.get("model_name") or str(data["config"].get("model_args", ""))
+    stem = os.path.basename(file)[: -len(".json")]
+    return result_record(label=os.path.basename(model.rstrip("/")) or stem, model=model, revision=None,
+                         suite=suites.pop(), limit=int(limit) if isinstance(limit, float) and limit.is_integer() else limit,
+                         gatepro=None, tasks=tasks) | {
+        "_lm_eval": {"date": stem.rsplit("_", 1)[-1], "names": found, "group_subtasks": group_subtasks,
+                     "configs": data["configs"]},
+        "versions": {"lm-eval": data.get("lm_eval_version")}, "git_revision": None}
+
+
+def stock_samples(result: dict) -> list[dict] | None:
+    """The per-item records of a ``stock_result``: from its samples files; None when there are none."""
+    meta, folder = result["_lm_eval"], os.path.dirname(result["_source"])
+    files = {leaf: os.path.join(folder, f"samples_{leaf}_{meta['date']}.jsonl")
+             for name in meta["names"].values() for leaf in _leaves(meta["group_subtasks"], name)}
+    present = [leaf for leaf, path in files.items() if os.path.exists(path)]
+    if not present:
+        return None
+    if len(present) < len(files):
+        missing = sorted(set(files) - set(present))
+        raise ValueError(f"{result['_source']}: samples files missing for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                         f"(expected {files[missing[0]]}); lm-eval writes one per task with --log_samples")
+    samples = {}
+    for leaf, path in files.items():
+        with open(path) as handle:
+            try:
+                samples[leaf] = [json.loads(line) for line in handle if line.strip()]
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not JSON lines ({error})") from None
+    return [record for task, name in meta["names"].items()
+            for record in task_items(task, name, samples, meta["configs"], meta["group_subtasks"], files.__getitem__)]
 
 
 def evaluate(
@@ -210,15 +339,16 @@ def evaluate(
     for task in tasks:
         entry = output["results"][names[task]]
         metric = SCORE_METRIC[task]
-        task_items = _items(output, names[task], task)
+        items_of_task = task_items(task, names[task], output["samples"], output["configs"],
+                                   output.get("group_subtasks", {}), lambda leaf: f"lm-eval's samples of {leaf}")
         stderr = entry.get(f"{metric}_stderr,none")  # lm-eval gives "N/A" for a single sample
         scores[task] = {
             "score": entry[f"{metric},none"],
             "stderr": stderr if isinstance(stderr, (int, float)) else None,
-            "samples": len(task_items),
+            "samples": len(items_of_task),
             "metric": metric,
         }
-        items += task_items
+        items += items_of_task
     result = result_record(
         label=label, model=model, revision=revision, suite="lm-eval-offline" if offline else "lm-eval",
         limit=limit, gatepro=gatepro or in_force, tasks=scores,

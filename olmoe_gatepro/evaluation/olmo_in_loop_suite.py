@@ -37,8 +37,15 @@ IN_LOOP_TASKS = {  # our task name: the olmo_eval task labels pooled into it
 }
 
 
-def _doc_outcomes(metric) -> dict[int, bool]:
-    """{doc_id: correct} from an updated ``ICLMetric``, by the rule its ``compute`` applies."""
+def _doc_outcomes(metric, lengths: dict[tuple[int, int], int]) -> dict[int, tuple[bool, float | None, float]]:
+    """{doc_id: (correct, logprob, margin)} from an updated ``ICLMetric``, by the rule its ``compute`` applies.
+
+    The metric holds each continuation's score under the task's rule (``acc``: summed
+    log-likelihood; ``len_norm``: per character). ``margin``: the right continuation's score
+    minus the best wrong one's. ``logprob``: the right continuation's summed log-likelihood
+    (``len_norm`` scores times ``lengths[(doc_id, cont_id)]``, its length in characters; None for
+    other rules or where the length is unknown).
+    """
     label = {}
     for doc_id, _, label_id in metric.labels:
         label.setdefault(doc_id, label_id)
@@ -47,10 +54,15 @@ def _doc_outcomes(metric) -> dict[int, bool]:
         scores.setdefault(doc_id, {}).setdefault(cont_id, loglikelihood)
     outcomes = {}
     for doc_id, by_continuation in scores.items():
-        values = torch.full((len(by_continuation),), -float("inf"))
+        values = torch.full((len(by_continuation),), -float("inf"), dtype=torch.float64)
         for cont_id, value in by_continuation.items():
             values[cont_id] = value
-        outcomes[doc_id] = torch.argmax(values).item() == label[doc_id]
+        right = label[doc_id]
+        wrong = torch.cat([values[:right], values[right + 1 :]])
+        scale = {"acc": 1, "len_norm": lengths.get((doc_id, right))}.get(metric.metric_type)
+        outcomes[doc_id] = (torch.argmax(values).item() == right,
+                            None if scale is None else values[right].item() * scale,
+                            (values[right] - wrong.max()).item())
     return outcomes
 
 
@@ -68,9 +80,11 @@ def _score(model, task: str, name: str, dataset, limit: int | None, batch_size: 
         metric.update(batch, logits)
     score = metric.compute()[f"{dataset.metric_type}_v2"].item()
     variants = len(dataset.prompts)  # doc ids run question by question, variant by variant
+    lengths = {(sample["doc_id"], sample["cont_id"]): sample["cont_str_len"] for sample in samples}
     items = [
-        {"task": task, "item": f"{name}/{doc_id}", "cluster": f"{name}/q{doc_id // variants}", "correct": correct}
-        for doc_id, correct in sorted(_doc_outcomes(metric).items())
+        {"task": task, "item": f"{name}/{doc_id}", "cluster": f"{name}/q{doc_id // variants}", "correct": correct,
+         "logprob": logprob, "margin": margin}
+        for doc_id, (correct, logprob, margin) in sorted(_doc_outcomes(metric, lengths).items())
     ]
     return score, len(items), dataset.metric_type, items
 

@@ -7,12 +7,19 @@ A run folder keeps, per suite (``RESULT_FILES`` key: ``lm-eval`` or ``olmo-in-lo
          "revision": null, "suite": "lm-eval", "limit": null, "gatepro": {...} or null,
          "tasks": {"mmlu": {"score": 0.376, "stderr": 0.004, "samples": 14042, "metric": "acc"}, ...}}
     samples.<suite>.jsonl
-        one line per evaluated item: {"task": "copa", "item": "17", "correct": true}, plus
-        "cluster" where several items are one independent unit (MMLU's prompt variants of one
-        question in the in-loop suite)
+        one line per evaluated item: {"task": "copa", "item": "17", "correct": true,
+        "logprob": -12.3, "margin": 0.8}, plus "cluster" where several items are one independent
+        unit (MMLU's prompt variants of one question in the in-loop suite). ``logprob``: the
+        summed log-likelihood of the right choice; ``margin``: its score minus the best wrong
+        choice's under the task's metric (positive exactly when right); both absent in files
+        written before 0.3.
 
 Scores are fractions in [0, 1]. Item ids are stable: the same for every model evaluated on the
 same data and limit, so two checkpoints can be compared item by item.
+
+``load_result`` also reads lm-eval's own output (``lm_eval --output_path OUT --log_samples``):
+its ``results_<date>.json`` and, for the per-item outcomes, the ``samples_<task>_<date>.jsonl``
+of the same run (``lm_eval_suite.stock_result``; docs/statistics.md has the mapping).
 """
 
 import json
@@ -103,15 +110,45 @@ def _check_task_entry(file: str, task: str, entry) -> None:
         raise ValueError(f"{where}.samples: expected an integer >= 1; got {samples!r}")
 
 
+def _lm_eval_results_files(folder: str) -> list[str]:
+    """lm-eval results files in ``folder`` and its subfolders one level down (lm-eval's OUT/<model>/)."""
+    found = []
+    for base in [folder] + sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                                  if os.path.isdir(os.path.join(folder, name))):
+        found += sorted(os.path.join(base, name) for name in os.listdir(base)
+                        if name.startswith("results_") and name.endswith(".json"))
+    return found
+
+
+def _result_file(path: str, suite: str) -> str:
+    """The result file ``path`` names: itself, a run folder's own result file of ``suite``, or the one
+    lm-eval results file under a folder (several: an error listing them)."""
+    if not os.path.isdir(path):
+        return path
+    own = os.path.join(path, RESULT_FILES[suite])
+    if os.path.exists(own) or suite != "lm-eval":
+        return own
+    candidates = _lm_eval_results_files(path)
+    if len(candidates) > 1:
+        raise ValueError(f"{path}: holds {len(candidates)} lm-eval results files ({', '.join(candidates)}); "
+                         "give the one to compare")
+    return candidates[0] if candidates else own
+
+
 def load_result(path: str, suite: str = "lm-eval") -> dict:
-    """A result file, or a run folder's result file of ``suite`` (``RESULT_FILES``); errors name the file."""
-    file = os.path.join(path, RESULT_FILES[suite]) if os.path.isdir(path) else path
+    """A result: a file (ours, or lm-eval's own results file), or a folder holding one (``RESULT_FILES``
+    of ``suite``, else one lm-eval results file, also one folder down). Errors name the file."""
+    file = _result_file(path, suite)
     try:
         result = read_json(file)
     except OSError as error:
         raise ValueError(f"cannot read result {file}: {error.strerror}") from None
+    from olmoe_gatepro.evaluation import lm_eval_suite  # it builds on this module
+
+    if lm_eval_suite.is_lm_eval_results(result):
+        result = lm_eval_suite.stock_result(file, result)
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-        raise ValueError(f"{file}: not an olmoe-gatepro result (schema {SCHEMA!r} expected)")
+        raise ValueError(f"{file}: neither an olmoe-gatepro result (schema {SCHEMA!r}) nor an lm-eval results file")
     for key in ("label", "suite", "tasks"):
         if key not in result:
             raise ValueError(f"{file}: missing key {key!r}")
@@ -140,29 +177,42 @@ def load_samples(result: dict) -> dict[str, dict[str, Outcome]] | None:
     A per-item file that does not match the result (other tasks, or scores that differ from the
     result's) is an error naming both files.
     """
+    if "_lm_eval" in result:
+        from olmoe_gatepro.evaluation.lm_eval_suite import stock_samples
+
+        records = stock_samples(result)
+        where = result["_source"]
+        return None if records is None else _checked(_outcomes([(where, record) for record in records]), result, where)
     path = samples_path(result)
     if not os.path.exists(path):
         return None
-    items: dict[str, dict[str, Outcome]] = {}
+    records = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         try:
-            record = json.loads(line)
+            records.append((f"{path}, line {number}", json.loads(line)))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}, line {number}: expected {{\"task\", \"item\", \"correct\"}}") from None
+    return _checked(_outcomes(records), result, path)
+
+
+def _outcomes(records: list[tuple[str, dict]]) -> dict[str, dict[str, Outcome]]:
+    """{task: {item: Outcome}} from (where, per-item record) pairs; errors name ``where``."""
+    items: dict[str, dict[str, Outcome]] = {}
+    for where, record in records:
+        try:
             task, item, correct = record["task"], str(record["item"]), record["correct"]
             cluster = str(record.get("cluster", item))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}, line {number}: expected {{\"task\", \"item\", \"correct\"}}") from None
+        except (KeyError, TypeError):
+            raise ValueError(f"{where}: expected {{\"task\", \"item\", \"correct\"}}") from None
         if not isinstance(correct, bool):
-            raise ValueError(f"{path}, line {number}: correct must be true or false; got {correct!r}")
+            raise ValueError(f"{where}: correct must be true or false; got {correct!r}")
         if item in items.setdefault(task, {}):
-            raise ValueError(f"{path}, line {number}: item {item!r} of {task} appears twice")
-        items[task][item] = Outcome(cluster, correct, _margin(record.get("margin"), path, number))
-    return _checked(items, result, path)
-
-
-def _margin(value, path: str, number: int) -> float | None:
-    if value is not None and not _is_number(value):
-        raise ValueError(f"{path}, line {number}: margin must be a finite number or absent; got {value!r}")
-    return value
+            raise ValueError(f"{where}: item {item!r} of {task} appears twice")
+        margin = record.get("margin")
+        if margin is not None and not _is_number(margin):
+            raise ValueError(f"{where}: margin must be a finite number or absent; got {margin!r}")
+        items[task][item] = Outcome(cluster, correct, None if margin is None else float(margin))
+    return items
 
 
 def _checked(items: dict[str, dict[str, Outcome]], result: dict, path: str) -> dict[str, dict[str, Outcome]]:

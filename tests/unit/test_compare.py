@@ -1,5 +1,7 @@
 import csv
 import json
+import math
+import os
 import shutil
 
 import numpy as np
@@ -18,8 +20,12 @@ def _outcomes(correct: dict[str, set[int]]) -> dict[str, list[bool]]:
     return {task: [i in correct.get(task, set()) for i in range(n)] for task, n in TASK_ITEMS.items()}
 
 
-def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, stderr=True):
-    """A run folder whose result and per-item file agree (scores are the items' accuracy)."""
+def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, stderr=True, item_id=None,
+           margins=False):
+    """A run folder whose result and per-item file agree (scores are the items' accuracy).
+
+    ``item_id(task, i)``: the items' ids (default ``i``); ``margins``: True gives each item
+    ``_margin(i, correct)``, a function ``margins(task, i, correct)`` its own."""
     folder.mkdir(parents=True)
     tasks = {}
     for task, values in outcomes.items():
@@ -30,7 +36,10 @@ def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, st
               "limit": None, "gatepro": gatepro, "tasks": tasks}
     (folder / "eval_results.json").write_text(json.dumps(result))
     if samples:
-        lines = [json.dumps({"task": t, "item": str(i), "correct": c}) for t, v in outcomes.items() for i, c in enumerate(v)]
+        item_id = item_id or (lambda task, i: str(i))
+        lines = [json.dumps({"task": t, "item": item_id(t, i), "correct": c,
+                             **({"margin": margins(t, i, c) if callable(margins) else _margin(i, c)} if margins else {})})
+                 for t, v in outcomes.items() for i, c in enumerate(v)]
         (folder / "samples.lm-eval.jsonl").write_text("\n".join(lines) + "\n")
     if metrics:
         (folder / "gatepro_metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -38,6 +47,11 @@ def _write(folder, label, outcomes, metrics=None, samples=True, gatepro=None, st
 
 
 BASE = {task: set(range(0, n, 2)) for task, n in TASK_ITEMS.items()}  # 50% on every task
+
+
+def _margin(i: int, correct: bool) -> float:
+    """A made-up margin of item i: positive exactly when it is right."""
+    return (0.5 + (i % 3) * 0.25) * (1 if correct else -1)
 
 
 def _with(changes):
@@ -117,6 +131,30 @@ def test_the_same_file_twice_is_refused_and_equal_labels_are_renamed(tmp_path, c
     comparison = compare([base, other], str(tmp_path / "out"), echo=notes.append)
     assert [row["label"] for row in comparison["rows"]] == ["baseline", "baseline (2)"]
     assert any("shown as 'baseline (2)'" in note for note in notes)
+
+
+def test_the_margin_is_tested_beside_accuracy(tmp_path):
+    def shifted(task, i, correct):  # the model: every margin 0.1 or 0.2 higher, two COPA items now right
+        return _margin(i, correct) + (0.1 if i % 2 else 0.2) if not (task == "copa" and i in (1, 3)) else 0.3
+
+    base = _write(tmp_path / "base", "baseline", _outcomes(BASE), margins=True)
+    other = _write(tmp_path / "gp", "gatepro", _with({"copa": ([1, 3], [])}), margins=shifted)
+    comparison = compare([base, other], str(tmp_path / "out"), echo=_quiet)
+    margins = comparison["rows"][1]["margins"]
+    for task, items in TASK_ITEMS.items():
+        expected = np.mean([shifted(task, i, i in BASE[task] or (task == "copa" and i in (1, 3))) - _margin(i, i in BASE[task])
+                            for i in range(items)])
+        assert margins[task]["delta"] == pytest.approx(expected)
+        assert margins[task]["level"] == "checkpoints" and margins[task]["test"] == "paired sign-flip permutation"
+        assert margins[task]["significant"]  # every item moved the same way: no resample is as extreme
+    copa = comparison["rows"][1]["columns"]["copa"]
+    assert not copa["significant"] and copa["p_value"] == pytest.approx(0.5)  # accuracy: 2 discordant items
+    # the margin separates the two rows several times better than accuracy on COPA; accuracy did not move elsewhere
+    assert margins["copa"]["snr_ratio"] > 3 and math.isnan(margins["mmlu"]["snr_ratio"])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Margin of the right choice" in table and "Margin of the right choice over the best wrong one" in table
+    no_margins = _write(tmp_path / "old", "old", _outcomes(BASE))  # files written before margins existed
+    assert compare([base, no_margins], str(tmp_path / "old-out"), echo=_quiet)["rows"][1]["margins"] is None
 
 
 def _seeds(tmp_path, name, piqa_wins):
@@ -225,6 +263,58 @@ def test_routing_section_and_plots_from_training_metrics(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
 
 
+def _routing_metrics(coactivation: float, cosine: float, zero: float):
+    """8 logged steps whose last quarter (steps 6-8) has these per-layer values (layer 1: twice them);
+    the early steps hold a value far off, which the end-of-training average must leave out."""
+    def layer(scale, step):
+        late = step >= 6
+        return {"zero_token_count": scale * zero if late else 9.0, "load_imbalance": 1.0, "flip_rate": 0.1,
+                "avg_cosine_similarity": scale * cosine if late else 0.9, "avg_angle_deg": 80.0,
+                "spectral_entropy": 2.0 + (0.01 * scale if late else 0.0),
+                "partner_coactivation": scale * coactivation if late else 0.9, "partner_coactivation_chance": 0.2}
+
+    return [{"step": step, "tokens": step * 100, "gatepro_active": True, "layers": [layer(1, step), layer(2, step)]}
+            for step in range(1, 9)]
+
+
+def test_routing_differences_with_seed_level_intervals(tmp_path):
+    base_coactivation, gp_coactivation = [0.20, 0.21, 0.19], [0.17, 0.185, 0.165]
+    runs = {"baseline": [], "gatepro": []}
+    for arm, values in (("baseline", base_coactivation), ("gatepro", gp_coactivation)):
+        for seed, value in enumerate(values):
+            runs[arm].append(_write(tmp_path / f"{arm}{seed}", arm, _outcomes(BASE),
+                                    _routing_metrics(value, 0.1 + 0.01 * seed, 2.0 + (arm == "gatepro") * seed)))
+    comparison = compare(runs, str(tmp_path / "out"), echo=_quiet, paired_seeds=True)
+    (routing,) = comparison["routing"]
+    coactivation = routing["vs_baseline"]["partner_coactivation"]
+    # the mean over the two layers (values x1 and x2), in points: per seed 1.5 x 100 x (gp - base)
+    deltas = [150 * (g - b) for g, b in zip(gp_coactivation, base_coactivation)]
+    se = np.std(deltas, ddof=1) / np.sqrt(3)
+    overall = coactivation["overall"]
+    assert overall["delta"] == pytest.approx(np.mean(deltas))
+    assert (overall["ci95_low"], overall["ci95_high"]) == pytest.approx(
+        (np.mean(deltas) - stats.t.ppf(0.975, 2) * se, np.mean(deltas) + stats.t.ppf(0.975, 2) * se))
+    assert coactivation["layers"][1]["delta"] == pytest.approx(2 * 100 * np.mean(np.subtract(gp_coactivation, base_coactivation)))
+    tests = [metric["overall"] for metric in routing["vs_baseline"].values()]
+    assert [test["p_adjusted"] for test in tests] == pytest.approx(paired_stats.holm([t["p_value"] for t in tests]))
+    assert overall["p_adjusted"] == pytest.approx(4 * overall["p_value"]) and overall["significant"]
+    cosine = routing["vs_baseline"]["avg_cosine_similarity"]["overall"]
+    assert cosine["zero_spread"] and not cosine["significant"]  # the same cosine in both arms, seed by seed
+    spectral = routing["vs_baseline"]["spectral_entropy"]["overall"]
+    assert spectral["delta"] == pytest.approx(0.0) and spectral["zero_spread"]
+    zero = routing["vs_baseline"]["zero_token_count"]["overall"]
+    assert zero["delta"] == pytest.approx(1.5 * 1.0) and not zero["zero_spread"]  # gatepro seeds: +0, +1, +2 experts
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "### Routing at the end of training, to the baseline" in table
+    assert (f"**gatepro** vs baseline, during training (3 and 3 seeds, paired by seed; mean over layers, seed-level t "
+            f"intervals, Holm over the 4 metrics): partner co-activation {overall['delta']:+.3g} points (95% CI") in table
+    assert "gate cosine similarity +0 (no interval: seed spread 0), no claim" in table
+    assert "| gatepro | partner co-activation (points) | " in table
+    two = compare({arm: paths[:2] for arm, paths in runs.items()}, str(tmp_path / "two"), echo=_quiet, paired_seeds=True)
+    assert not two["routing"][0]["vs_baseline"]["partner_coactivation"]["overall"]["significant"]
+    assert "no claim about the method with fewer than 3 seeds per arm" in (tmp_path / "two" / "table.md").read_text()
+
+
 def test_a_gatepro_baseline_is_called_out(tmp_path):
     gatepro = {"enabled": True, "penalty": 1e-4, "num_competitors": 1, "hard": False}
     base = _write(tmp_path / "base", "baseline", _outcomes(BASE), gatepro=gatepro)
@@ -284,7 +374,7 @@ def test_bad_result_files_are_named(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"bad.json, line 1, column 2: not valid JSON \(Expecting property name"):
         load_result(str(bad))
     bad.write_text(json.dumps({"schema": "other"}))
-    with pytest.raises(ValueError, match="not an olmoe-gatepro result"):
+    with pytest.raises(ValueError, match="neither an olmoe-gatepro result .* nor an lm-eval results file"):
         load_result(str(bad))
     with pytest.raises(SystemExit):
         main(["compare", str(bad)])
@@ -303,3 +393,97 @@ def test_bad_group_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# lm-eval's own output, laid out as EvaluationTracker writes it (lm_eval 0.4.13: save_results_aggregated,
+# save_results_samples), as a real `lm_eval --log_samples` run of the offline tasks was seen to write it:
+# OUT/<model>/results_<date>.json and samples_<task>_<date>.jsonl per task, MMLU as a group of subtasks.
+STOCK_METRIC = {"mmlu": "acc", "copa": "acc", "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm"}
+MMLU_SUBJECTS = ("abstract_algebra", "anatomy")  # 100 items each
+
+
+def _mmlu_id(task, i):
+    return f"{MMLU_SUBJECTS[i // 100]}/{i % 100}" if task == "mmlu" else str(i)
+
+
+def _stock_sample(task, doc_id, i, correct):
+    """One logged multiple-choice sample whose log-likelihoods give ``_margin(i, correct)`` under the metric."""
+    count = 4 if task == "mmlu" else 2
+    choices = [f" ans{j}" if task == "copa" else f"ans{j}" for j in range(count)]  # COPA's choices carry their space
+    scale = len(choices[0]) if STOCK_METRIC[task] == "acc_norm" else 1  # acc_norm divides by the choice's length
+    lls = [-2.0 * scale] * count
+    lls[0] = -2.0 * scale + _margin(i, correct) * scale  # the right choice is the first
+    return {"doc_id": doc_id, "doc": {"id": doc_id}, "target": choices[0] if task == "copa" else "0",
+            "arguments": {f"gen_args_{j}": {"arg_0": "question", "arg_1": " " + choice} for j, choice in enumerate(choices)},
+            "resps": [[[repr(ll), "False"]] for ll in lls], "filtered_resps": [[repr(ll), "False"] for ll in lls],
+            "filter": "none", "metrics": [STOCK_METRIC[task]], "doc_hash": "x", "prompt_hash": "x", "target_hash": "x",
+            STOCK_METRIC[task]: 1.0 if correct else 0.0}
+
+
+def _write_stock(out, model, outcomes, date="2026-01-02T03-04-05.678901"):
+    """lm-eval's output folder for ``model`` with these outcomes; returns OUT (the results file is a folder down)."""
+    folder = out / model.replace("/", "__")
+    folder.mkdir(parents=True)
+    leaves = {task: [f"mmlu_{s}" for s in MMLU_SUBJECTS] if task == "mmlu" else [task] for task in outcomes}
+    results, samples = {}, {}
+    for task, values in outcomes.items():
+        p = sum(values) / len(values)
+        results[task] = {"alias": task, f"{STOCK_METRIC[task]},none": p,
+                         f"{STOCK_METRIC[task]}_stderr,none": (p * (1 - p) / (len(values) - 1)) ** 0.5}
+        for number, leaf in enumerate(leaves[task]):
+            part = values[100 * number: 100 * (number + 1)] if task == "mmlu" else values
+            offset = 100 * number if task == "mmlu" else 0
+            samples[leaf] = [_stock_sample(task, doc, offset + doc, correct) for doc, correct in enumerate(part)]
+    data = {"results": results, "groups": {"mmlu": results["mmlu"]},
+            "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": leaves["mmlu"],
+                               **{task: [] for task in outcomes if task != "mmlu"}},
+            "configs": {leaf: {"task": leaf, "target_delimiter": " "} for leaf in samples},
+            "n-samples": {leaf: {"original": len(rows), "effective": len(rows)} for leaf, rows in samples.items()},
+            "config": {"model": "hf", "model_args": f"pretrained={model}", "limit": None},
+            "model_name": model, "model_name_sanitized": model.replace("/", "__"), "lm_eval_version": "0.4.13"}
+    (folder / f"results_{date}.json").write_text(json.dumps(data, indent=2))
+    for leaf, rows in samples.items():
+        (folder / f"samples_{leaf}_{date}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(out)
+
+
+def _without_names(comparison):
+    return [{key: value for key, value in row.items() if key not in ("label", "runs")} for row in comparison["rows"]]
+
+
+def test_stock_lm_eval_output_gives_the_same_table_as_our_own_files(tmp_path):
+    changed = _with({"copa": ([1, 3, 5, 7, 9, 11, 13], [0]), "mmlu": ([1, 3, 151], [])})
+    own = [_write(tmp_path / name, name, outcomes, item_id=_mmlu_id, margins=True)
+           for name, outcomes in (("baseline", _outcomes(BASE)), ("gatepro", changed))]
+    stock = [_write_stock(tmp_path / f"lm-eval-{name}", f"models/{name}", outcomes)
+             for name, outcomes in (("baseline", _outcomes(BASE)), ("gatepro", changed))]
+    result = load_result(stock[0])
+    assert result["label"] == "baseline" and result["suite"] == "lm-eval" and result["tasks"]["mmlu"]["samples"] == 200
+    ours = compare(own, str(tmp_path / "own"), echo=_quiet)
+    theirs = compare(stock, str(tmp_path / "stock"), echo=_quiet)
+    mixed = compare([stock[0], own[1]], str(tmp_path / "mixed"), echo=_quiet)
+    assert _without_names(theirs) == _without_names(ours) == _without_names(mixed)
+    assert theirs["rows"][1]["columns"]["copa"]["delta"] == pytest.approx(6.0) and theirs["rows"][1]["paired"]
+    assert "| gatepro |" in (tmp_path / "stock" / "table.md").read_text()  # labelled by the model's folder name
+
+
+def test_stock_lm_eval_folders_are_never_guessed(tmp_path):
+    out = tmp_path / "lm-eval"
+    _write_stock(out, "m", _outcomes(BASE))
+    _write_stock(tmp_path / "second", "m", _with({"copa": ([1], [])}), date="2026-02-02T00-00-00.000000")
+    for name in os.listdir(tmp_path / "second" / "m"):  # a second run of the same model, into the same folder
+        shutil.move(tmp_path / "second" / "m" / name, out / "m" / name)
+    with pytest.raises(ValueError, match="holds 2 lm-eval results files"):
+        load_result(str(out))
+    first, later = sorted((out / "m").glob("results_*.json"))
+    assert load_result(str(later))["_lm_eval"]["date"] == "2026-02-02T00-00-00.000000"
+    comparison = compare([str(first), str(later)], str(tmp_path / "cmp"), echo=_quiet)  # each file with its samples
+    assert comparison["rows"][1]["columns"]["copa"]["delta"] == pytest.approx(1.0)
+    next((out / "m").glob("samples_copa_2026-02-02*.jsonl")).unlink()
+    with pytest.raises(ValueError, match=r"samples files missing for \['copa'\]"):  # not half-read
+        compare([str(first), str(later)], str(tmp_path / "cmp"), echo=_quiet)
+    broken = json.loads(later.read_text())
+    broken["results"]["copa"].pop("acc,none")
+    later.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="results.copa has no 'acc' score"):
+        load_result(str(later))
