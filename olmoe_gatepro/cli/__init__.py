@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         config_from_env()  # a bad OLMOE_GATEPRO* value stops here, not at a router's import
     except ValueError as error:
         command.error(str(error))
+    from olmoe_gatepro.interrupts import remembered_interrupts
+
     try:
-        return _run(args, unknown, command) or 0
+        with remembered_interrupts():
+            return _run(args, unknown, command) or 0
     except ImportError as error:  # an optional install is missing: say which, in one line
         message = missing_extra(error)
         if message is None:

@@ -5,19 +5,20 @@ seed; settings differ only in GatePro (off, lambda, top-m competitors, hard comp
 in whether the load-balancing loss is on. Each run logs, per layer and every ``log_every``
 steps, the metrics of ``tiny_run.LAYER_METRICS`` and the training and held-out loss. The
 report folder holds ``records.jsonl`` (one line per finished run, appended atomically, so an
-interrupted study resumes where it stopped), ``summary.csv``/``summary.md`` (final values,
+interrupted study resumes where it stopped: the runs recorded are kept, the one under way is
+trained again from its start; a rerun with other settings is refused), ``summary.csv``/``summary.md`` (final values,
 mean and standard deviation over seeds) and Figure 4/5-style PNG plots.
 """
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import statistics
 import time
 
-from olmoe_gatepro.jsonl import append_record, repair, write_text_atomically
+from olmoe_gatepro.interrupts import raise_if_interrupted
+from olmoe_gatepro.jsonl import append_record, keep_settings, repair, write_text_atomically
 from olmoe_gatepro.pipelines.presets import StudyPreset
 from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, corpus_tokens, train_tiny
 
@@ -45,9 +46,7 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print, num_experts: int | 
         preset = dataclasses.replace(preset, run=dataclasses.replace(preset.run, num_experts=num_experts))
     os.makedirs(out_dir, exist_ok=True)
     records_path = os.path.join(out_dir, "records.jsonl")
-    write_text_atomically(
-        os.path.join(out_dir, "preset.json"), json.dumps(_preset_dict(preset), indent=2)
-    )
+    keep_settings(os.path.join(out_dir, "preset.json"), _preset_dict(preset))  # a rerun continues this study only
     finished = {record["key"]: record for record in repair(records_path)}
     tokens = corpus_tokens(preset.run.corpus)
     plan = [
@@ -73,6 +72,7 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print, num_experts: int | 
         }
         append_record(records_path, result)
         finished[key] = result
+        raise_if_interrupted()  # a Ctrl-C Python swallowed while this run ended
         elapsed = time.monotonic() - started
         echo(f"[{index}/{len(plan)}] {key}: held-out loss {records[-1]['held_out_loss']:.4f} ({elapsed:.0f} s)")
     results = [finished[_run_key(s.name, lbl, seed)] for s, lbl, seed in plan]

@@ -33,6 +33,7 @@ from transformers.trainer_callback import PrinterCallback
 from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 from olmoe_gatepro.data import byte_tokenizer
+from olmoe_gatepro.interrupts import raise_if_interrupted
 from olmoe_gatepro.pipelines.presets import TinyRunConfig
 from olmoe_gatepro.transformers.trainer_callback import METRICS_FILE, GateProTrainerCallback
 
@@ -169,6 +170,13 @@ class _LossRecorder(TrainerCallback):
             self.losses[state.global_step]["loss"] = float(logs["loss"])
 
 
+class _RaiseIfInterrupted(TrainerCallback):
+    """A Ctrl-C that Python swallowed during the step (``olmoe_gatepro.interrupts``) stops training at its end."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_if_interrupted()
+
+
 def train_tiny(
     config: TinyRunConfig,
     gatepro: GateProConfig,
@@ -207,6 +215,7 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     GateProTrainerCallback.attach(trainer, schedule, metrics_interval=config.metrics_interval_steps)
     losses = _LossRecorder(held_out.to(trainer.args.device), config.metrics_interval_steps)
     trainer.add_callback(losses)
+    trainer.add_callback(_RaiseIfInterrupted())
     trainer.remove_callback(PrinterCallback)
     if progress is not None:
         trainer.add_callback(_Progress(progress, config.steps))
