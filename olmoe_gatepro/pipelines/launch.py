@@ -163,7 +163,6 @@ def _training_values(stage, cluster: Cluster, script: str) -> dict[str, object]:
         "procs_per_node": cluster.ranks_per_node,
         "port": cluster.rdzv_port,
         "train_command": shlex.join(stage.launched),
-        "name": stage.name.removeprefix("train "),
     }
 
 
@@ -188,7 +187,7 @@ def launch_scripts(stages, out_dir: str, launcher: str, cluster: Cluster, finish
             continue
         path = os.path.join(folder, f"train-{name}.sbatch")
         values = _training_values(stage, cluster, path)
-        values.update(job_name=f"og-{name}-{tag}", time=cluster.time, stop_before=cluster.stop_before,
+        values.update(name=name, job_name=f"og-{name}-{tag}", time=cluster.time, stop_before=cluster.stop_before,
                       log=os.path.join(logs, "%x-%j.out"), sbatch_lines=cluster.sbatch_lines(cluster.gpus_per_node),
                       cancel_check=stage.run.train.cancel_check_interval_steps, trained_file=TRAINED_FILE)
         scripts.append(LaunchScript(path, render("train.sbatch", values), name))

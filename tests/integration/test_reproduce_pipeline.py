@@ -74,6 +74,18 @@ def test_pipeline_refusals(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_a_stage_that_ends_well_without_its_output_stops_the_pipeline(tmp_path):
+    """A training asked to stop exits 0 before its end: without train.done, nothing after it runs."""
+    from olmoe_gatepro.pipelines.reproduce import Stage, _run_stages
+
+    marker = tmp_path / "converted"
+    stages = [Stage("train x", ["true"], str(tmp_path / "x/train.done")),
+              Stage("convert x", ["touch", str(marker)], str(marker))]
+    with pytest.raises(RuntimeError, match="'train x' ended without writing .*train.done"):
+        _run_stages(stages, dry_run=False)
+    assert not marker.exists()
+
+
 def test_olmo_core_tiny_pipeline_runs_on_the_cpu_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["reproduce", "--preset", "olmo-core-tiny", "--out", str(out)]) == 0
