@@ -52,8 +52,10 @@ class TinyRunConfig:
             raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate}")
         if not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be finite and >= 0; got {self.router_aux_loss_coef}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2^32) (numpy's seed range); got {self.seed}")
+        if self.log_every > self.steps:
+            raise ValueError(f"log_every ({self.log_every}) must be <= steps ({self.steps}): no step would be recorded")
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {', '.join(CORPORA)}; got {self.corpus!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

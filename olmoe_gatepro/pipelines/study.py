@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from olmoe_gatepro.jsonl import append_record, repair, write_text_atomically
+from olmoe_gatepro.jsonl import append_record, check_recorded_settings, repair, write_text_atomically
 from olmoe_gatepro.pipelines.presets import StudyPreset
 from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, corpus_tokens, train_tiny
 
@@ -45,6 +45,7 @@ def run_study(preset: StudyPreset, out_dir: str, echo=print, num_experts: int | 
         preset = dataclasses.replace(preset, run=dataclasses.replace(preset.run, num_experts=num_experts))
     os.makedirs(out_dir, exist_ok=True)
     records_path = os.path.join(out_dir, "records.jsonl")
+    check_recorded_settings(os.path.join(out_dir, "preset.json"), _preset_dict(preset), f"--out {out_dir}")
     write_text_atomically(
         os.path.join(out_dir, "preset.json"), json.dumps(_preset_dict(preset), indent=2)
     )

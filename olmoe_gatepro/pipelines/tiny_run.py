@@ -131,6 +131,9 @@ def save_checkpoint(model: nn.Module, folder: str) -> None:
 def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
     """(steps, batch, seq_len) windows of ``tokens`` in a seeded random order."""
     generator = torch.Generator().manual_seed(config.seed)
+    if tokens.numel() <= config.seq_len:
+        raise ValueError(f"seq_len ({config.seq_len}) must be shorter than the corpus part it is drawn from "
+                         f"({tokens.numel()} tokens of corpus {config.corpus!r})")
     starts = torch.randint(
         0, tokens.numel() - config.seq_len, (config.steps, config.batch_size), generator=generator
     )
@@ -194,7 +197,7 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     from transformers import Trainer, TrainingArguments
 
     split = int(tokens.numel() * 0.9)
-    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, log_every=1, seed=HELD_OUT_SEED))[0]
     model = build_tiny_olmoe(config)
     args = TrainingArguments(
         output_dir=output_dir, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
