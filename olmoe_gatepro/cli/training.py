@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+from olmoe_gatepro.cli.common import check_out_folder
+
 
 def register(command) -> None:
     train = command(
@@ -40,6 +42,8 @@ def train_command(args, overrides, command) -> int:
         run = load_run_config(args.config, overrides)
     except ConfigError as error:
         command.error(str(error))
+    if "://" not in run.train.save_folder:  # a local save folder must be writable (URLs are OLMo-core's to check)
+        check_out_folder(run.train.save_folder, command, f"{args.config}: train.save_folder")
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(run), indent=2))
         return 0
