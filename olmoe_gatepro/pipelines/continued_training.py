@@ -15,6 +15,7 @@ training").
 import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -67,8 +68,12 @@ class ContinuedTraining:
         missing = [path for path in self.data if not os.path.isfile(path)]
         if missing:
             raise ValueError(f"data: no such file {missing[0]}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be finite and > 0; got {self.learning_rate!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2^32); got {self.seed}")
 
 
 def _token_stream(spec: ContinuedTraining, tokenizer, needed: int) -> torch.Tensor:
