@@ -1140,3 +1140,54 @@ def test_in_a_real_process_bad_input_is_exit_2_and_one_line(workdir, argv, env, 
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert sorted(os.listdir(workdir)) == ["a-file", "bad.yaml"]
+
+
+def test_compare_on_a_full_disk_keeps_the_earlier_report(workdir, capsys, small_disk):
+    first, _ = _result_folder(workdir / "run", label="a")
+    second, _ = _result_folder(workdir / "run2", label="b")
+    out = small_disk / "report"
+    out.mkdir()
+    (out / "table.md").write_text("the earlier table\n")
+    _fill(small_disk)
+    _refused(["compare", first, second, "--out", str(out)], capsys, f"{out}/", ": cannot write: the disk is full")
+    assert (out / "table.md").read_text() == "the earlier table\n" and _leftovers(out) == []
+
+
+def test_inspect_on_a_full_disk_leaves_no_partial_file(workdir, capsys, checkpoint, small_disk):
+    (workdir / "text.txt").write_text("hello world, " * 20)
+    out = small_disk / "routing"
+    _fill(small_disk)
+    _refused(["inspect", checkpoint, "--text", "text.txt", "--max-tokens", "64", "--out", str(out)], capsys,
+             f"{out}", ": cannot write: the disk is full")
+    assert not out.exists() or _leftovers(out) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-steps", "-1"], "--warmup-steps: warmup_steps must be >= 0; got -1"),
+    (["--seed", "99999999999999999999"], "--seed: seed must lie in [0, 2^32); got 99999999999999999999"),
+    (["--learning-rate", "inf"], "--learning-rate: learning_rate must be finite and > 0; got inf"),
+    (["--learning-rate", "nan"], "--learning-rate: learning_rate must be finite and > 0; got nan"),
+    (["--metrics-interval", "0"], "--metrics-interval: metrics_interval must be an int >= 1; got 0"),
+    (["--sequence-length", "1"], "--sequence-length: sequence_length must be an int >= 2; got 1"),
+])
+def test_continue_flags(workdir, capsys, checkpoint, flags, message):
+    (workdir / "text.txt").write_text("hello world")
+    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--baseline", "--out", "run",
+              *flags], capsys, message)
+    assert sorted(os.listdir(workdir)) == ["a-file", "text.txt"]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"caf\xe9\n", "text.txt, line 1: not UTF-8 text (byte 0xe9 cannot be decoded)"),
+])
+def test_continue_names_a_data_file_that_is_not_utf8(workdir, capsys, checkpoint, data, message):
+    (workdir / "text.txt").write_bytes(data)
+    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--sequence-length", "4",
+              "--batch-size", "1", "--baseline", "--out", "run"], capsys, message)
+
+
+def test_config_copy_to_a_place_that_cannot_be_written(workdir, capsys, read_only_folder):
+    _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", str(read_only_folder / "mine")], capsys,
+             f"--copy-to {read_only_folder}/mine: cannot be created")
+    _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", "a-file"], capsys,
+             "--copy-to a-file: exists and is not a folder")
