@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from olmoe_gatepro.jsonl import atomic_file, read_text
+from olmoe_gatepro.jsonl import atomic_file, read_text, write_error
 
 __all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
            "MANIFEST_FILE", "write_token_files", "TokenFilesCheck", "check_token_files"]
@@ -70,14 +70,32 @@ def load_tokenizer(name: str) -> Callable[[str], list[int]]:
         return lambda text: list(text.encode("utf-8"))
     path = tokenizer_file(name)
     if path is not None:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(path)
+        tokenizer = _tokenizer_from_file(path)
         return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    tokenizer = _hub_tokenizer(name)
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _tokenizer_from_file(path: str):
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json``; a ValueError naming the file if it is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises a bare Exception for a file that is not one of its JSON files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"tokenizer {path}: not a tokenizer.json file ({first})") from None
+
+
+def _hub_tokenizer(name: str):
+    """``AutoTokenizer.from_pretrained(name)``; a ValueError naming ``name`` when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"tokenizer {name!r}: not a file, and cannot be loaded from the hub ({first})") from None
 
 
 def byte_tokenizer():
@@ -103,18 +121,15 @@ def hf_tokenizer(name: str, eos_token_id: int, pad_token_id: int):
         return byte_tokenizer()
     path = tokenizer_file(name)
     if path is not None:
-        from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = Tokenizer.from_file(path)
+        tokenizer = _tokenizer_from_file(path)
         special = {"eos_token": tokenizer.id_to_token(eos_token_id), "pad_token": tokenizer.id_to_token(pad_token_id)}
         missing = [f"{key} id {value}" for key, value in zip(special, (eos_token_id, pad_token_id)) if special[key] is None]
         if missing:
             raise ValueError(f"tokenizer {name} has no token for {', '.join(missing)}")
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
+    return _hub_tokenizer(name)
 
 
 def iter_documents(path: str) -> Iterator[str]:
@@ -299,7 +314,14 @@ def write_token_files(
     missing = [path for path in inputs if not os.path.isfile(path)]
     if missing:
         raise ValueError(f"input file(s) not found: {missing}")
-    os.makedirs(out_dir, exist_ok=True)
+    limit = np.iinfo(DTYPES[dtype]).max
+    if not 0 <= eos_token_id <= limit:
+        raise ValueError(f"eos_token_id {eos_token_id} does not fit dtype {dtype} (0 to {limit}); use uint32")
+    load_tokenizer(tokenizer)  # a bad tokenizer fails here, once, before the folder is made (not in every worker)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise write_error(error, out_dir) from None
     settings = _manifest_settings(inputs, tokenizer, eos_token_id, dtype, tokens_per_file)
     sizes = [os.path.getsize(path) for path in inputs]
     manifest = _resume_or_start(out_dir, settings, sizes)
@@ -308,7 +330,6 @@ def write_token_files(
             os.remove(os.path.join(out_dir, name))
     if manifest["complete"]:
         return [os.path.join(out_dir, shard["path"]) for shard in manifest["shards"]]
-    load_tokenizer(tokenizer)  # a bad tokenizer fails here, once, not in every worker
     from tqdm.auto import tqdm
 
     from olmoe_gatepro.jsonl import write_text_atomically

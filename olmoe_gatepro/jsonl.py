@@ -20,7 +20,8 @@ import secrets
 from collections.abc import Iterator
 
 __all__ = ["FileWriteError", "read_text", "read_json", "read_records", "append_record", "rewrite_records", "repair",
-           "drop_after_step", "atomic_file", "write_text_atomically", "keep_settings", "read_settings", "differing_settings"]
+           "drop_after_step", "atomic_file", "write_text_atomically", "keep_settings", "read_settings", "differing_settings",
+           "FolderBusyError", "folder_lock"]
 
 _WHY = {
     errno.ENOSPC: "the disk is full",
@@ -260,3 +261,38 @@ def keep_settings(path: str, settings: dict, folder_flag: str = "--out", write: 
         folder = os.path.dirname(path) or "."
         raise ValueError(f"{folder_flag} {folder} holds a run with other settings ({path}): {'; '.join(differing)}; "
                          f"rerun with the recorded settings, or use another {folder_flag}")
+
+
+class FolderBusyError(RuntimeError):
+    """Another run holds the folder (its ``folder_lock``)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, what: str, folder_flag: str = "--out"):
+    """Hold ``folder`` (created if needed) for one run of ``what``; another run into it meanwhile is refused.
+
+    The lock is ``fcntl.flock`` on ``<folder>/.<what>.lock``, released with the file handle, also
+    when the process dies. A second holder gets a ``FolderBusyError`` naming the folder. A folder
+    this call created and that holds nothing but the lock afterwards (the run failed early) is
+    removed again.
+    """
+    import fcntl
+
+    created = not os.path.exists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise write_error(error, folder) from None
+    path = os.path.join(folder, f".{what}.lock")
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(f"another {what} run holds {folder_flag} {folder} (lock {path}); wait for it to "
+                                  f"end, or use another {folder_flag}") from None
+        try:
+            yield
+        finally:
+            if created and os.listdir(folder) == [os.path.basename(path)]:
+                os.unlink(path)
+                os.rmdir(folder)

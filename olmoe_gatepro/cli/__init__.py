@@ -11,7 +11,9 @@ library function, importing torch and the frameworks only when a command runs, s
 
 import argparse
 import dataclasses
+import errno
 import sys
+import warnings
 
 from olmoe_gatepro.cli import (
     config,
@@ -28,6 +30,7 @@ from olmoe_gatepro.extras import missing_extra
 __all__ = ["build_parser", "main"]
 
 GROUPS = (tiny, training, reproduce, evaluation, continued, selftest, config)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors only a write gets
 
 
 def _version() -> str:
@@ -66,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     check_unknown(unknown, command, sections)
     from olmoe_gatepro.env_activation import config_from_env
 
-    try:
-        config_from_env()  # a bad OLMOE_GATEPRO* value stops here, not at a router's import
-    except ValueError as error:
-        command.error(str(error))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:
+            config_from_env()  # a bad OLMOE_GATEPRO* value stops here, not at a router's import
+        except ValueError as error:
+            command.error(str(error))
+    for warning in warned:  # a misspelt OLMOE_GATEPRO_* variable: one line, not a warning's two
+        print(f"olmoe-gatepro {args.command}: warning: {warning.message}", file=sys.stderr)
     from olmoe_gatepro.interrupts import remembered_interrupts
 
     try:
@@ -77,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, unknown, command) or 0
     except ImportError as error:  # an optional install is missing: say which, in one line
         message = missing_extra(error)
+        if message is None:
+            raise
+        command.error(message)
+    except OSError as error:  # a full disk, a read-only folder: one line naming the path
+        from olmoe_gatepro.jsonl import FileWriteError, write_error
+
+        if isinstance(error, FileWriteError) or error.errno in WRITE_ERRNOS:
+            command.error(str(write_error(error, error.filename or "a file")))
+        if error.errno in (errno.EACCES, errno.EPERM) and error.filename:
+            command.error(f"{error.filename}: permission denied")
+        raise
+    except (RuntimeError, MemoryError) as error:  # sizes too large for this machine
+        from olmoe_gatepro.devices import out_of_memory
+
+        message = out_of_memory(error)
         if message is None:
             raise
         command.error(message)

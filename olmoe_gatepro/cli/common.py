@@ -9,8 +9,9 @@ import difflib
 import os
 import re
 
-__all__ = ["renamed_flags", "cost_flags", "throughput", "dest", "preset_flag", "add_dataclass_flags", "parse_bool", "dataclass_or_error", "check_unknown",
-           "check_out_folder", "device", "check_model", "per_model", "count"]
+__all__ = ["renamed_flags", "cost_flags", "throughput", "dest", "preset_flag", "add_dataclass_flags", "parse_bool",
+           "dataclass_or_error", "check_unknown", "check_out_folder", "check_out_file", "device", "check_model",
+           "per_model", "count"]
 
 
 def cost_flags(parser: argparse.ArgumentParser) -> None:
@@ -140,23 +141,33 @@ def check_out_folder(path: str, command: argparse.ArgumentParser, flag: str = "-
 
 
 def device(requested: str | None, command: argparse.ArgumentParser) -> str:
-    """``--device``, or cuda when there is one; a CUDA device without a visible GPU is refused."""
-    import torch
+    """``--device`` checked against this machine's GPUs (``devices.resolve_device``), or cuda when there is one."""
+    from olmoe_gatepro.devices import resolve_device
 
-    chosen = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if chosen.startswith("cuda") and not torch.cuda.is_available():
-        command.error(f"--device {chosen}: no CUDA GPU is visible")
-    return chosen
+    try:
+        return resolve_device(requested)
+    except ValueError as error:
+        command.error(str(error))
+
+
+def check_out_file(path: str, command: argparse.ArgumentParser, flag: str) -> None:
+    """``path`` must name a file (not a folder) in an existing, writable folder; nothing is created here."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        command.error(f"{flag} {path}: not a file path in an existing folder")
+    if not os.access(folder, os.W_OK):
+        command.error(f"{flag} {path}: {folder} is not writable")
 
 
 def check_model(model: str, command: argparse.ArgumentParser) -> None:
     """A local folder with a config.json, or something shaped like a hub id that is not a local path."""
-    from olmoe_gatepro.checkpoints import model_kind
+    from olmoe_gatepro.checkpoints import check_model_files, model_kind
 
     if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
         command.error(f"model {model}: a folder without config.json, not a Hugging Face model folder")
     try:
         model_kind(model)  # a file, or neither a folder nor shaped like a hub id
+        check_model_files(model)  # a config that is not JSON, a weight file cut short
     except ValueError as error:
         command.error(str(error))
 

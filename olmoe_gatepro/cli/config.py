@@ -4,6 +4,8 @@ import os
 import shutil
 import sys
 
+from olmoe_gatepro.cli.common import check_out_folder
+
 
 def register(command) -> None:
     config = command("config", help="list, show or copy the run configs (YAML recipes) this package ships")
@@ -48,10 +50,12 @@ def show_command(args, overrides, command) -> int:
     existing = [target for target in targets if os.path.exists(target)]
     if existing:
         command.error(f"--copy-to {args.copy_to}: {existing[0]} exists; choose another folder or remove it")
-    if os.path.exists(args.copy_to) and not os.path.isdir(args.copy_to):
-        command.error(f"--copy-to {args.copy_to}: exists and is not a folder")
-    for name, target in zip(chain, targets):
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        shutil.copyfile(SHIPPED_CONFIGS / name, target)
+    check_out_folder(args.copy_to, command, "--copy-to")
+    try:
+        for name, target in zip(chain, targets):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            shutil.copyfile(SHIPPED_CONFIGS / name, target)
+    except OSError as error:
+        command.error(f"--copy-to {args.copy_to}: cannot write {error.filename or 'there'} ({error.strerror})")
     print(f"copied {', '.join(chain)} to {args.copy_to}; edit {targets[0]}")
     return 0

@@ -1,5 +1,6 @@
 """``eval``, ``compare`` and ``inspect``: score checkpoints, compare them, see how they route."""
 
+import contextlib
 import os
 import sys
 
@@ -120,16 +121,17 @@ def eval_command(args, overrides, command) -> int:
         command.error(f"--revision is given {len(args.revision)} times: several revisions need --each-checkpoint")
     check_model(args.model, command)
     check_out_folder(args.out, command)
-    existing = os.path.join(args.out, RESULT_FILES[args.suite])
-    if os.path.exists(existing) and not args.overwrite:
-        command.error(f"--out {args.out} already holds {RESULT_FILES[args.suite]}; pass --overwrite to replace it, "
-                      "or choose another --out")
-    try:
-        result, items = evaluate_one(args.model, args.revision[0] if args.revision else None)
-    except RuntimeError as error:  # the offline data is missing or unreadable
-        print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
-        return 1
-    path = write_evaluation(args.out, args.suite, result, items)
+    _check_no_result(args, command)
+    with _held(args.out, command):  # a second eval into this --out meanwhile is refused, not overwritten
+        _check_no_result(args, command)  # again, under the lock: another run may have written it since
+        try:
+            result, items = evaluate_one(args.model, args.revision[0] if args.revision else None)
+        except RuntimeError as error:  # the offline data is missing or unreadable
+            print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
+            return 1
+        except ValueError as error:  # a model file found damaged while loading
+            command.error(str(error))
+        path = write_evaluation(args.out, args.suite, result, items)
     for task, entry in result["tasks"].items():
         stderr = "n/a" if entry["stderr"] is None else f"{100 * entry['stderr']:.2f}"
         print(f"{task:<14} {100 * entry['score']:6.2f} ± {stderr}  ({entry['samples']} samples, {entry['metric']})")
@@ -137,6 +139,25 @@ def eval_command(args, overrides, command) -> int:
         print(f"note: routed with GatePro from the environment (penalty {result['gatepro']['penalty']:g}); recorded")
     print(f"wrote {path}")
     return 0
+
+
+def _check_no_result(args, command) -> None:
+    if os.path.exists(os.path.join(args.out, RESULT_FILES[args.suite])) and not args.overwrite:
+        command.error(f"--out {args.out} already holds {RESULT_FILES[args.suite]}; pass --overwrite to replace "
+                      "it, or choose another --out")
+
+
+@contextlib.contextmanager
+def _held(out: str, command):
+    """``out`` locked for this eval run (``jsonl.folder_lock``); another run holding it is refused."""
+    from olmoe_gatepro.jsonl import FolderBusyError, folder_lock
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "eval"))
+        except FolderBusyError as error:
+            command.error(str(error))
+        yield
 
 
 def _evaluate_checkpoints(args, evaluate_one, command) -> int:
@@ -163,10 +184,13 @@ def _evaluate_checkpoints(args, evaluate_one, command) -> int:
         command.error(str(error))
     check_out_folder(args.out, command)
     try:
-        paths = evaluate_checkpoints(checkpoints, args.out, args.suite, args.label, evaluate_one)
+        with _held(args.out, command):
+            paths = evaluate_checkpoints(checkpoints, args.out, args.suite, args.label, evaluate_one)
     except RuntimeError as error:
         print(f"olmoe-gatepro eval: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:
+        command.error(str(error))
     print("wrote " + ", ".join(paths))
     return 0
 
@@ -196,6 +220,7 @@ def compare_command(args, overrides, command) -> int:
 
     if not (args.results or args.group or args.curves):
         command.error("nothing to compare: give result files or run folders, --group, or --curves")
+    check_out_folder(args.out, command)
     curves = []
     for item in args.curves:
         label, sep, folder = item.partition("=")

@@ -1,6 +1,6 @@
 """``selftest``: does GatePro work on this machine, and what does it cost?"""
 
-import os
+from olmoe_gatepro.cli.common import check_out_file, device
 
 
 def register(command) -> None:
@@ -14,19 +14,14 @@ def register(command) -> None:
 
 
 def selftest_command(args, overrides, command) -> int:
-    import torch
-
     from olmoe_gatepro.jsonl import write_text_atomically
     from olmoe_gatepro.pipelines.selftest import results_json, run_selftest
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        command.error(f"--device {args.device}: no CUDA GPU is visible")
+    chosen = device(args.device, command)
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or os.path.isdir(args.json):
-            command.error(f"--json {args.json}: not a file path in an existing folder")
+        check_out_file(args.json, command, "--json")
     try:
-        results = run_selftest(args.device, quick=args.quick, only=tuple(args.only))
+        results = run_selftest(chosen, quick=args.quick, only=tuple(args.only))
     except ValueError as error:
         command.error(f"--only: {error}")
     if args.json:

@@ -1,9 +1,12 @@
 """``smoke`` and ``study``: tiny OLMoEs trained on this machine, with and without GatePro."""
 
+import dataclasses
+
 from olmoe_gatepro.cli.common import (
     add_dataclass_flags,
     check_out_folder,
     dataclass_or_error,
+    device,
     preset_flag,
     renamed_flags,
 )
@@ -61,12 +64,18 @@ def smoke_command(args, overrides, command) -> int:
     from olmoe_gatepro.pipelines.tiny_run import compare_tiny
 
     tiny = dataclass_or_error(TinyRunConfig, args, "", command)
+    tiny = dataclasses.replace(tiny, device=device(tiny.device, command))  # a GPU this machine has, or refused
     gatepro = dataclass_or_error(GateProConfig, args, "gatepro-", command)
     if gatepro.num_competitors >= tiny.num_experts:
         command.error(f"--gatepro-num-competitors ({gatepro.num_competitors}) must be < --num-experts "
                       f"({tiny.num_experts})")
     check_out_folder(args.out, command)
-    compare_tiny(tiny, gatepro, out_dir=args.out)
+    try:
+        compare_tiny(tiny, gatepro, out_dir=args.out)
+    except ValueError as error:  # found once the corpus is read: a --seq-len longer than it
+        message = str(error)
+        flag = message.split()[0]
+        command.error(f"--{flag.replace('_', '-')}: {message}" if flag in SMOKE_HELP else message)
     return 0
 
 

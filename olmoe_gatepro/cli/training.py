@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from olmoe_gatepro.cli.common import cost_flags, dest, throughput
+from olmoe_gatepro.cli.common import check_out_folder, cost_flags, dest, throughput
 
 
 def register(command) -> None:
@@ -62,6 +62,8 @@ def train_command(args, overrides, command) -> int:
         run = load_run_config(args.config, overrides)
     except ConfigError as error:
         command.error(str(error))
+    if "://" not in run.train.save_folder:  # a local save folder must be writable (URLs are OLMo-core's to check)
+        check_out_folder(run.train.save_folder, command, f"{args.config}: train.save_folder")
     from olmoe_gatepro.olmo_core.train import (
         InterruptedRun,
         check_data_paths,
@@ -100,6 +102,7 @@ def train_command(args, overrides, command) -> int:
         print(f"olmoe-gatepro train: {stop}", file=sys.stderr)
         return stop.exit_code
     return 0
+
 
 def convert_command(args, overrides, command) -> int:
     import sys

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -84,8 +85,12 @@ class ContinuedTraining:
         missing = [path for path in self.data if not os.path.isfile(path)]
         if missing:
             raise ValueError(f"data: no such file {missing[0]}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be finite and > 0; got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2^32); got {self.seed}")
         _check_report_to(self.report_to)
 
 

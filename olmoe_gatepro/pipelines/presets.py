@@ -52,8 +52,11 @@ class TinyRunConfig:
             raise ValueError(f"lr must be finite and > 0; got {self.lr}")
         if not math.isfinite(self.lb_loss_weight) or self.lb_loss_weight < 0:
             raise ValueError(f"lb_loss_weight must be finite and >= 0; got {self.lb_loss_weight}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2^32) (numpy's seed range); got {self.seed}")
+        if self.metrics_interval_steps > self.steps:
+            raise ValueError(f"metrics_interval_steps ({self.metrics_interval_steps}) must be <= steps ({self.steps}): "
+                             "no step would be recorded")
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {', '.join(CORPORA)}; got {self.corpus!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -33,9 +33,7 @@ every final checkpoint on the same text; its summary closes ``table.md``) and ``
 evaluation result and per-item outcomes.
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import importlib
 import inspect
 import json
@@ -55,7 +53,7 @@ from olmoe_gatepro.core.router_state import METRICS_FILE
 from olmoe_gatepro.olmo_core.run_config import SHIPPED_CONFIGS, RunConfig, load_run_config
 from olmoe_gatepro.olmo_core.train import TRAINED_FILE
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
-from olmoe_gatepro.jsonl import keep_settings, read_json, read_records, rewrite_records, write_text_atomically
+from olmoe_gatepro.jsonl import folder_lock, keep_settings, read_json, read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
 from olmoe_gatepro.olmo_core.cost import Throughput, cost_lines
@@ -66,7 +64,6 @@ from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES, corpus_tokens, dete
 __all__ = ["Stage", "pipeline_stages", "reproduce", "reproduce_pipeline", "print_costs", "launch_pipeline"]
 
 
-LOCK_FILE = ".reproduce.lock"
 ROUTING_FOLDER = "routing"  # inspect's report, inside the report folder
 
 
@@ -143,18 +140,10 @@ def _make_run_folder(out_dir: str) -> None:
         raise ValueError(f"--out {out_dir}: cannot create the run folder ({error.strerror})") from None
 
 
-@contextlib.contextmanager
 def run_folder_lock(out_dir: str):
     """Hold ``out_dir`` for this run: a second reproduce into the same folder is refused while it runs."""
     _make_run_folder(out_dir)
-    path = os.path.join(out_dir, LOCK_FILE)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another reproduce run holds {out_dir} (lock {path}); wait for it to end, "
-                               "or use another --out") from None
-        yield  # the lock goes with the file handle, also when the process dies
+    return folder_lock(out_dir, "reproduce")
 
 
 def reproduce(preset_name: str, out_dir: str, workers: int | None = None) -> str:

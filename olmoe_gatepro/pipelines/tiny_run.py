@@ -130,8 +130,11 @@ def save_checkpoint(model: nn.Module, folder: str) -> None:
 
 
 def _batches(tokens: torch.Tensor, config: TinyRunConfig) -> torch.Tensor:
-    """(steps, batch, seq_len) windows of ``tokens`` in a seeded random order."""
+    """(steps, global_batch_sequences, sequence_length) windows of ``tokens`` in a seeded random order."""
     generator = torch.Generator().manual_seed(config.seed)
+    if tokens.numel() <= config.sequence_length:
+        raise ValueError(f"sequence_length ({config.sequence_length}) must be shorter than the corpus part it is drawn from "
+                         f"({tokens.numel()} tokens of corpus {config.corpus!r})")
     starts = torch.randint(
         0, tokens.numel() - config.sequence_length, (config.steps, config.global_batch_sequences), generator=generator
     )
@@ -202,7 +205,7 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     from transformers import Trainer, TrainingArguments
 
     split = int(tokens.numel() * 0.9)
-    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, seed=HELD_OUT_SEED))[0]
+    held_out = _batches(tokens[split:], dataclasses.replace(config, steps=1, metrics_interval_steps=1, seed=HELD_OUT_SEED))[0]
     model = build_tiny_olmoe(config)
     args = TrainingArguments(
         output_dir=output_dir, max_steps=config.steps, per_device_train_batch_size=config.global_batch_sequences,

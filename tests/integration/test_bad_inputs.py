@@ -298,7 +298,7 @@ def test_settings_json_mismatch_names_the_file(workdir, capsys):
 def _tiny_olmoe():
     from olmoe_gatepro.pipelines.tiny_run import TinyRunConfig, build_tiny_olmoe
 
-    return build_tiny_olmoe(TinyRunConfig(num_layers=1, num_experts=4, top_k=2, hidden_size=16, num_heads=2,
+    return build_tiny_olmoe(TinyRunConfig(n_layers=1, num_experts=4, top_k=2, d_model=16, n_heads=2,
                                           expert_hidden_size=8))
 
 
@@ -629,15 +629,12 @@ def test_a_not_utf8_inherited_file_is_named(workdir, capsys):
 # ---------------------------------------------------------------------------------------------
 # Files the project reads: text that is not UTF-8, or lines that are not JSON, named by file and line.
 
-def _result_folder(folder, samples: bytes | None = None, result: bytes | None = None):
+def _result_folder(folder, samples: bytes | None = None, result: bytes | None = None, label: str = "a"):
     """A run folder with a one-task result (and its per-item file) that load_result accepts."""
-    from olmoe_gatepro.evaluation.results import write_evaluation
+    from olmoe_gatepro.evaluation.results import SCHEMA, write_evaluation
 
-    record = {"schema": "olmoe-gatepro-result/1", "label": "a", "suite": "lm-eval",
+    record = {"schema": SCHEMA, "label": label, "suite": "lm-eval",
               "tasks": {"copa": {"score": 0.5, "stderr": None, "samples": 2, "metric": "acc"}}}
-    from olmoe_gatepro.evaluation.results import SCHEMA
-
-    record["schema"] = SCHEMA
     path = write_evaluation(str(folder), "lm-eval", record, [{"task": "copa", "item": "0", "correct": True},
                                                               {"task": "copa", "item": "1", "correct": False}])
     samples_file = os.path.join(str(folder), sorted(set(os.listdir(folder)) - {os.path.basename(path)})[0])
@@ -879,19 +876,25 @@ def test_convert_with_the_wrong_config_says_so(workdir, capsys, olmo_core_checkp
 # A full disk: the error names the path and says the disk is full; nothing half-written is left
 # and nothing already written is lost. A small tmpfs is the full disk (skipped where it cannot be mounted).
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs, mounted for the test."""
-    mount = tmp_path / "small-disk"
+@contextlib.contextmanager
+def _tmpfs(mount, options: str):
+    """A 64 KiB tmpfs mounted on ``mount`` with ``options`` for the block; the test is skipped where it cannot be."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size=64k", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB disk, mounted for the test."""
+    with _tmpfs(tmp_path / "small-disk", "") as mount:
+        yield mount
 
 
 def _fill(folder):
@@ -952,3 +955,242 @@ def test_prepare_data_on_a_full_disk_keeps_the_shards_written_and_leaves_no_part
     assert sorted(os.listdir(out)) == ["part-00000.npy", "part-00001.npy"]
     assert all(os.path.getsize(out / name) == 24_000 for name in os.listdir(out))  # each one whole
     assert _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, round two: devices, output places, reruns, sizes.
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+DEVICE_CASES = [
+    (["eval", "MODEL", "--label", "a", "--device", "foo", "--out", "o"], "--device 'foo': expected cpu, cuda or cuda:N"),
+    (["inspect", "MODEL", "--device", "foo", "--out", "o"], "--device 'foo': expected cpu, cuda or cuda:N"),
+    (["selftest", "--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
+    (["selftest", "--device", "cpu:3"], "--device 'cpu:3': the CPU has no index other than 0"),
+    (["smoke", "--device", "foo"], "--device: device must be cpu or cuda[:N]; got 'foo'"),
+    (["eval", "MODEL", "--label", "a", "--device", "cuda:64", "--out", "o"], "--device cuda:64: "),
+    (["inspect", "MODEL", "--device", "cuda:64", "--out", "o"], "--device cuda:64: "),
+    (["selftest", "--device", "cuda:64"], "--device cuda:64: "),
+    (["smoke", "--device", "cuda:64"], "--device cuda:64: "),
+]
+
+
+@pytest.mark.parametrize("argv, message", DEVICE_CASES, ids=lambda value: " ".join(value) if isinstance(value, list)
+                         else None)
+def test_every_command_checks_the_device_against_this_machine(workdir, capsys, checkpoint, argv, message):
+    argv = [checkpoint if item == "MODEL" else item for item in argv]
+    line = _refused(argv, capsys, message)
+    if "cuda:64" in message:  # a GPU this machine does not have: none here, or not that many
+        assert ("no CUDA GPU is visible on this machine" in line) != _has_gpu(), line
+    assert sorted(os.listdir(workdir)) == ["a-file"]
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: cuda is a device it has")
+@pytest.mark.parametrize("argv", [["smoke", "--device", "cuda"], ["selftest", "--device", "cuda"],
+                                  ["eval", "MODEL", "--label", "a", "--device", "cuda", "--out", "o"]])
+def test_cuda_without_a_gpu_is_refused_not_run_on_the_cpu(workdir, capsys, checkpoint, argv):
+    _refused([checkpoint if item == "MODEL" else item for item in argv], capsys,
+             "--device cuda: no CUDA GPU is visible on this machine (use cpu)")
+    assert sorted(os.listdir(workdir)) == ["a-file"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only file system (even root cannot write there)."""
+    with _tmpfs(tmp_path / "read-only", "ro,") as mount:
+        yield mount
+
+
+def test_outputs_into_a_file_or_a_read_only_folder_are_refused_first(workdir, capsys, read_only_folder):
+    result, _ = _result_folder(workdir / "run")
+    _refused(["compare", result, result, "--out", "a-file"], capsys, "--out a-file: exists and is not a folder")
+    _refused(["compare", result, result, "--out", str(read_only_folder)], capsys,
+             f"--out {read_only_folder}: not writable")
+    _refused(["compare", result, result, "--out", str(read_only_folder / "new")], capsys,
+             f"--out {read_only_folder}/new: cannot be created ({read_only_folder} is not a writable folder)")
+    _refused(["selftest", "--json", str(read_only_folder / "report.json")], capsys,
+             f"--json {read_only_folder}/report.json: {read_only_folder} is not writable")
+    _refused(["selftest", "--json", "a-file/report.json"], capsys, "--json a-file/report.json: not a file path")
+    _refused(["train", TINY_CONFIG, f"--train.save_folder={read_only_folder}/run", "--dry-run"], capsys,
+             f"tiny-test.yaml: train.save_folder {read_only_folder}/run: cannot be created")
+    _refused(["train", TINY_CONFIG, "--train.save_folder=a-file/run", "--dry-run"], capsys,
+             "train.save_folder a-file/run: cannot be created")
+    assert sorted(os.listdir(workdir)) == ["a-file", "read-only", "run"] and os.listdir(read_only_folder) == []
+
+
+def test_a_write_refused_by_the_disk_is_one_line(workdir, capsys, read_only_folder, monkeypatch):
+    """What the early checks cannot see (a folder that turns read-only) still ends in one line, exit 2."""
+    import olmoe_gatepro.cli.common as common
+
+    monkeypatch.setattr(common.os, "access", lambda path, mode: True)  # the early check is fooled
+    first, _ = _result_folder(workdir / "run", label="a")
+    second, _ = _result_folder(workdir / "run2", label="b")
+    _refused(["compare", first, second, "--out", str(read_only_folder)], capsys,
+             f"{read_only_folder}/", ": cannot write: the file system is read-only; nothing half-written was left")
+
+
+def test_a_second_eval_into_the_same_out_is_refused_while_the_first_runs(workdir, capsys, checkpoint):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom olmoe_gatepro.jsonl import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'eval'):\n    print('held', flush=True)\n    time.sleep(60)", "run"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _refused(["eval", checkpoint, "--label", "b", "--tasks", "copa", "--limit", "1", "--out", "run"], capsys,
+                 "another eval run holds --out run (lock run/.eval.lock); wait for it to end, or use another --out")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.listdir("run") == [".eval.lock"]  # nothing of the refused run
+
+
+def test_study_rerun_with_other_settings_names_the_keys(workdir, capsys):
+    import dataclasses
+
+    from olmoe_gatepro.pipelines.presets import STUDY_PRESETS
+
+    preset = STUDY_PRESETS["minimal"]
+    recorded = {"run": {**dataclasses.asdict(preset.run), "num_experts": 4},
+                "settings": [{"name": s.name, "gatepro": dataclasses.asdict(s.gatepro)} for s in preset.settings],
+                "seeds": [0, 1], "lb_loss_weights": list(preset.lb_loss_weights)}
+    (workdir / "study").mkdir()
+    (workdir / "study" / "preset.json").write_text(json.dumps(recorded))
+    before = _snapshot(workdir / "study")
+    _refused(["study", "--preset", "minimal", "--out", "study"], capsys,
+             "--out study holds a run with other settings (study/preset.json): run.num_experts: 4 there, 8 now; "
+             "seeds: [0, 1] there, [0] now; rerun with the recorded settings, or use another --out")
+    assert _snapshot(workdir / "study") == before
+
+
+SMOKE_SIZE_CASES = [
+    (["--metrics-interval-steps", "50", "--steps", "2"],
+     "--metrics-interval-steps: metrics_interval_steps (50) must be <= steps (2): no step would be recorded"),
+    (["--seed", "99999999999999999999"], "--seed: seed must lie in [0, 2^32) (numpy's seed range)"),
+    (["--seed", "4294967296"], "--seed: seed must lie in [0, 2^32)"),
+    (["--sequence-length", "100000000", "--steps", "1", "--metrics-interval-steps", "1"],
+     "--sequence-length: sequence_length (100000000) must be shorter than the corpus part it is drawn from"),
+]
+
+
+@pytest.mark.parametrize("flags, message", SMOKE_SIZE_CASES)
+def test_smoke_sizes(workdir, capsys, flags, message):
+    _refused(["smoke", *flags], capsys, message)
+    assert sorted(os.listdir(workdir)) == ["a-file"]
+
+
+@pytest.mark.parametrize("error, message", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 102400000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "out of memory: the run tried to allocate 102.4 GB at once; choose smaller sizes"),
+    (MemoryError(), "out of memory; choose smaller sizes"),
+    (RuntimeError("shape mismatch"), None),
+])
+def test_an_allocation_too_large_for_this_machine_is_one_line(monkeypatch, capsys, error, message):
+    import olmoe_gatepro.cli.tiny as tiny
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("olmoe_gatepro.pipelines.tiny_run.compare_tiny", allocate)
+    monkeypatch.setattr(tiny, "check_out_folder", lambda *args: None)
+    if message is None:  # not an allocation: a bug, shown as one
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            main(["smoke"])
+    else:
+        _refused(["smoke"], capsys, message)
+
+
+def test_prepare_data_checks_the_tokenizer_and_ids_before_making_the_folder(workdir, capsys):
+    (workdir / "text.txt").write_text("hello")
+    _refused(["prepare-data", "text.txt", "--out", "tokens", "--tokenizer", "text.txt"], capsys,
+             "tokenizer text.txt: not a tokenizer.json file (")
+    _refused(["prepare-data", "text.txt", "--out", "tokens", "--eos-token-id", "70000"], capsys,
+             "eos_token_id 70000 does not fit dtype uint16 (0 to 65535); use uint32")
+    _refused(["prepare-data", "text.txt", "--out", "a-file/tokens"], capsys,
+             "a-file/tokens: cannot write: Not a directory")
+    assert sorted(os.listdir(workdir)) == ["a-file", "text.txt"]
+
+
+def test_a_misspelt_variable_is_one_warning_line_on_the_command_line(workdir, capsys, monkeypatch):
+    from olmoe_gatepro import env_activation
+
+    monkeypatch.setattr(env_activation, "_warned", set())
+    monkeypatch.setenv("OLMOE_GATEPRO_PENALTI", "1e-3")
+    with pytest.raises(SystemExit):
+        main(["compare", "only-one"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"olmoe-gatepro compare: warning: environment variable OLMOE_GATEPRO_PENALTI is not one "
+                        f"olmoe-gatepro reads; did you mean OLMOE_GATEPRO_PENALTY? {KNOWN}; it is ignored"]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["eval", "nowhere/model", "--label", "a", "--device", "foo", "--out", "o"], {},
+     "olmoe-gatepro eval: error: --device 'foo': expected cpu, cuda or cuda:N"),
+    (["train", "bad.yaml", "--dry-run"], {}, "bad.yaml, line 2: not UTF-8 text (byte 0xff); save the config as UTF-8"),
+    (["compare", "a", "b"], {"OLMOE_GATEPRO": "1", "OLMOE_GATEPRO_PENALTY": "nan"},
+     "environment variable OLMOE_GATEPRO_PENALTY='nan': penalty must be finite and >= 0; got nan"),
+])
+def test_in_a_real_process_bad_input_is_exit_2_and_one_line(workdir, argv, env, message):
+    (workdir / "bad.yaml").write_bytes(b"name: x\n\xff: 1\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OLMOE_GATEPRO")}
+    result = subprocess.run([sys.executable, "-m", "olmoe_gatepro.cli", *argv], capture_output=True, text=True,
+                            env={**clean, **env})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert sorted(os.listdir(workdir)) == ["a-file", "bad.yaml"]
+
+
+def test_compare_on_a_full_disk_keeps_the_earlier_report(workdir, capsys, small_disk):
+    first, _ = _result_folder(workdir / "run", label="a")
+    second, _ = _result_folder(workdir / "run2", label="b")
+    out = small_disk / "report"
+    out.mkdir()
+    (out / "table.md").write_text("the earlier table\n")
+    _fill(small_disk)
+    _refused(["compare", first, second, "--out", str(out)], capsys, f"{out}/", ": cannot write: the disk is full")
+    assert (out / "table.md").read_text() == "the earlier table\n" and _leftovers(out) == []
+
+
+def test_inspect_on_a_full_disk_leaves_no_partial_file(workdir, capsys, checkpoint, small_disk):
+    (workdir / "text.txt").write_text("hello world, " * 20)
+    out = small_disk / "routing"
+    _fill(small_disk)
+    _refused(["inspect", checkpoint, "--text", "text.txt", "--max-tokens", "64", "--out", str(out)], capsys,
+             f"{out}", ": cannot write: the disk is full")
+    assert not out.exists() or _leftovers(out) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-steps", "-1"], "--warmup-steps: warmup_steps must be >= 0; got -1"),
+    (["--seed", "99999999999999999999"], "--seed: seed must lie in [0, 2^32); got 99999999999999999999"),
+    (["--lr", "inf"], "--lr: lr must be finite and > 0; got inf"),
+    (["--lr", "nan"], "--lr: lr must be finite and > 0; got nan"),
+    (["--metrics-interval-steps", "0"], "--metrics-interval-steps: metrics_interval_steps must be an int >= 1; got 0"),
+    (["--sequence-length", "1"], "--sequence-length: sequence_length must be an int >= 2; got 1"),
+])
+def test_continue_flags(workdir, capsys, checkpoint, flags, message):
+    (workdir / "text.txt").write_text("hello world")
+    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--baseline", "--out", "run",
+              *flags], capsys, message)
+    assert sorted(os.listdir(workdir)) == ["a-file", "text.txt"]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"caf\xe9\n", "text.txt, line 1: not UTF-8 text (byte 0xe9 cannot be decoded)"),
+])
+def test_continue_names_a_data_file_that_is_not_utf8(workdir, capsys, checkpoint, data, message):
+    (workdir / "text.txt").write_bytes(data)
+    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--sequence-length", "4",
+              "--micro-batch-sequences", "1", "--baseline", "--out", "run"], capsys, message)
+
+
+def test_config_copy_to_a_place_that_cannot_be_written(workdir, capsys, read_only_folder):
+    _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", str(read_only_folder / "mine")], capsys,
+             f"--copy-to {read_only_folder}/mine: cannot be created")
+    _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", "a-file"], capsys,
+             "--copy-to a-file: exists and is not a folder")

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "olmoe_gatepro"
 LAYERS = {  # the first dotted part under olmoe_gatepro -> layer
-    "jsonl": 0, "provenance": 0, "extras": 0, "interrupts": 0, "data": 0, "checkpoints": 0, "core": 0,
+    "jsonl": 0, "provenance": 0, "extras": 0, "interrupts": 0, "data": 0, "checkpoints": 0, "devices": 0, "core": 0,
     "olmo_core": 1, "transformers": 1, "env_activation": 1, "__init__": 1,
     "evaluation": 2,
     "pipelines": 3,
