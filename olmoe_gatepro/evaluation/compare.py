@@ -216,7 +216,7 @@ def _seeds_needed(entry: dict, method: dict | None, base: list[float], other: li
     if method is not None and not method["zero_spread"]:
         if paired:
             sd = float(np.std(np.subtract(other, base), ddof=1))
-            return paired_stats.seeds_needed(effect, sd, True, alpha), "measured seed spread (paired by seed)"
+            return paired_stats.seeds_needed(effect, sd, True, alpha), "measured seed spread, paired by seed"
         return (paired_stats.seeds_needed(effect, statistics.stdev(base), False, alpha, model_sd=statistics.stdev(other)),
                 "measured seed spread")
     if given_sd is not None:

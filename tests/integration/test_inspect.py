@@ -215,6 +215,7 @@ def test_bad_input_is_refused_and_writes_nothing(models, token_file, tmp_path, c
              "--sequence-length 5000: longer than m0's context (4096 tokens)")
     _refused(["inspect", m0, m0, *out], capsys, "two models have the same label")
     _refused(["inspect", m0, "--label", "a", "b", *out], capsys, "--label is given 2 times for 1 models")
+    _refused(["inspect", m0, "--arm", "a", "b", *out], capsys, "--arm is given 2 times for 1 models")
     _refused(["inspect", m0, m0, "--label", "a", "b", "--revision", "x", "y", "z", *out], capsys,
              "--revision is given 3 times for 2 models")
     _refused(["inspect", m0, "--penalties", "0", *out], capsys, "--penalties '0': each lambda must be a finite number > 0")

@@ -197,7 +197,7 @@ def test_three_paired_seeds_give_a_method_level_verdict(tmp_path):
     assert piqa["p_value"] == pytest.approx(2 * stats.t.sf(t, 2))
     # Holm: the other tasks have zero seed spread (p undefined, counted as 1), so PIQA's p is multiplied by 5
     assert piqa["p_adjusted"] == pytest.approx(min(1.0, 5 * piqa["p_value"])) and piqa["significant"]
-    assert piqa["seeds_needed"] is not None and piqa["seed_spread_source"] == "measured seed spread (paired by seed)"
+    assert piqa["seeds_needed"] is not None and piqa["seed_spread_source"] == "measured seed spread, paired by seed"
     assert columns["mmlu"]["level"] == "checkpoints" and columns["mmlu"]["zero_seed_spread"]
     assert columns["pooled"]["level"] == "method" and columns["pooled"]["significant"]
     table = (tmp_path / "out" / "table.md").read_text()
