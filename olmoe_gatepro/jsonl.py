@@ -18,7 +18,7 @@ import os
 import secrets
 from collections.abc import Iterator
 
-__all__ = ["FileWriteError", "read_text", "read_json", "read_records", "append_record", "rewrite_records", "repair",
+__all__ = ["FileWriteError", "read_text", "read_json", "read_records", "read_step_records", "append_record", "rewrite_records", "repair",
            "drop_after_step", "atomic_file", "write_text_atomically", "differing_keys", "check_recorded_settings",
            "FolderBusyError", "folder_lock"]
 
@@ -192,17 +192,23 @@ def repair(path: str) -> list[dict]:
     return records
 
 
+def read_step_records(path: str) -> list[dict]:
+    """The complete records of a metrics file, each with an integer ``step``; a line without one is
+    a ValueError naming it. None (an empty list) when the file does not exist."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    for number, record in _records(path):
+        if isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: expected a record with an integer 'step'")
+        records.append(record)
+    return records
+
+
 def drop_after_step(path: str, step: int) -> None:
     """On resuming from ``step``: keep the complete records of steps up to it (a no-op without the file)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    for number, record in _records(path):
-        if not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}, line {number}: expected a record with an integer 'step'")
-        if record["step"] <= step:
-            kept.append(record)
-    rewrite_records(path, kept)
+    if os.path.exists(path):
+        rewrite_records(path, [record for record in read_step_records(path) if record["step"] <= step])
 
 
 def differing_keys(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:

@@ -1191,3 +1191,21 @@ def test_config_copy_to_a_place_that_cannot_be_written(workdir, capsys, read_onl
              f"--copy-to {read_only_folder}/mine: cannot be created")
     _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", "a-file"], capsys,
              "--copy-to a-file: exists and is not a folder")
+
+
+@pytest.mark.parametrize("metrics, message", [
+    (b'{"step": 1, "train/CE loss": 5.0}\n{"train/CE loss": 4.0}\n', "metrics.jsonl, line 2: expected a record with an "
+                                                                     "integer 'step'"),
+    (b'{"step": 1, "train/CE loss": 5.0}\n{"step": 2, "train/CE loss": \xff}\n', "metrics.jsonl, line 2: not UTF-8"),
+])
+def test_compare_curves_name_a_bad_metrics_line(workdir, capsys, metrics, message):
+    import dataclasses
+
+    from olmoe_gatepro.olmo_core.run_config import load_run_config
+
+    run = workdir / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(dataclasses.asdict(load_run_config(TINY_CONFIG))))
+    (run / "metrics.jsonl").write_bytes(metrics)
+    _refused(["compare", "--curves", f"a={run}", "--out", "out"], capsys, f"--curves a={run}: {run}/{message}")
+    assert not os.path.exists("out")
