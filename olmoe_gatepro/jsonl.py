@@ -15,10 +15,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 
-__all__ = ["FileWriteError", "read_text", "read_json", "read_records", "read_step_records", "append_record", "rewrite_records", "repair",
+__all__ = ["FileWriteError", "os_error_of", "read_text", "read_json", "read_records", "read_step_records", "append_record", "rewrite_records", "repair",
            "drop_after_step", "atomic_file", "write_text_atomically", "differing_keys", "check_recorded_settings",
            "FolderBusyError", "folder_lock"]
 
@@ -50,6 +51,18 @@ def write_error(error: OSError, path: str) -> FileWriteError:
     if code is None and _free_bytes(path) < 2**20:
         code = errno.ENOSPC
     return FileWriteError(code, _WHY.get(code, error.strerror or str(error)), path)
+
+
+_RUST_IO_ERROR = re.compile(r"I/O error: (?P<text>.*?) \(os error (?P<errno>\d+)\)")
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """``error`` as an OSError: itself, or one that a Rust library (safetensors, tokenizers) reported in its
+    message as ``I/O error: ... (os error N)``; None for any other error."""
+    if isinstance(error, OSError):
+        return error
+    match = _RUST_IO_ERROR.search(str(error))
+    return OSError(int(match["errno"]), match["text"]) if match else None
 
 
 def _free_bytes(path: str) -> float:
