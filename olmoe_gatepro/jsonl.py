@@ -8,7 +8,9 @@ Writing never leaves half a file: ``atomic_file`` writes a hidden temporary file
 folder, fsyncs it and renames it over the target, and removes it on any error; a failed append
 truncates the file back to what it held. A write that fails raises ``FileWriteError``, one line
 naming the path and why (``the disk is full`` for ENOSPC). Reading text that is not UTF-8, or a
-line that is not JSON, is a ``ValueError`` naming the file and the line.
+line that is not JSON, is a ``ValueError`` naming the file and the line. Also here, for every
+run folder: ``check_recorded_settings`` (a rerun with other settings is refused, the keys named)
+and ``folder_lock`` (a second run into a folder in use is refused).
 """
 
 import contextlib
@@ -19,9 +21,9 @@ import re
 import secrets
 from collections.abc import Iterator
 
-__all__ = ["FileWriteError", "os_error_of", "read_text", "read_json", "read_records", "read_step_records", "append_record", "rewrite_records", "repair",
-           "drop_after_step", "atomic_file", "write_text_atomically", "differing_keys", "check_recorded_settings",
-           "FolderBusyError", "folder_lock"]
+__all__ = ["FileWriteError", "write_error", "os_error_of", "read_text", "read_json", "read_records",
+           "read_step_records", "append_record", "rewrite_records", "repair", "drop_after_step", "atomic_file",
+           "write_text_atomically", "differing_keys", "check_recorded_settings", "FolderBusyError", "folder_lock"]
 
 _WHY = {
     errno.ENOSPC: "the disk is full",
