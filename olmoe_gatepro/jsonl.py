@@ -8,20 +8,23 @@ Writing never leaves half a file: ``atomic_file`` writes a hidden temporary file
 folder, fsyncs it and renames it over the target, and removes it on any error; a failed append
 truncates the file back to what it held. A write that fails raises ``FileWriteError``, one line
 naming the path and why (``the disk is full`` for ENOSPC). Reading text that is not UTF-8, or a
-line that is not JSON, is a ``ValueError`` naming the file and the line. ``keep_settings``
-records a run folder's settings once and refuses a rerun into that folder with other settings.
+line that is not JSON, is a ``ValueError`` naming the file and the line. Also here, for every
+run folder: ``keep_settings`` (a rerun with other settings is refused, the keys named) and
+``folder_lock`` (a second run into a folder in use is refused).
 """
 
 import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 
-__all__ = ["FileWriteError", "read_text", "read_json", "read_records", "append_record", "rewrite_records", "repair",
-           "drop_after_step", "atomic_file", "write_text_atomically", "keep_settings", "read_settings", "differing_settings",
-           "FolderBusyError", "folder_lock"]
+__all__ = ["FileWriteError", "write_error", "os_error_of", "read_text", "read_json", "read_records",
+           "read_step_records", "append_record", "rewrite_records", "repair", "drop_after_step", "atomic_file",
+           "write_text_atomically", "keep_settings", "read_settings", "differing_settings", "FolderBusyError",
+           "folder_lock"]
 
 _WHY = {
     errno.ENOSPC: "the disk is full",
@@ -51,6 +54,18 @@ def write_error(error: OSError, path: str) -> FileWriteError:
     if code is None and _free_bytes(path) < 2**20:
         code = errno.ENOSPC
     return FileWriteError(code, _WHY.get(code, error.strerror or str(error)), path)
+
+
+_RUST_IO_ERROR = re.compile(r"I/O error: (?P<text>.*?) \(os error (?P<errno>\d+)\)")
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """``error`` as an OSError: itself, or one that a Rust library (safetensors, tokenizers) reported in its
+    message as ``I/O error: ... (os error N)``; None for any other error."""
+    if isinstance(error, OSError):
+        return error
+    match = _RUST_IO_ERROR.search(str(error))
+    return OSError(int(match["errno"]), match["text"]) if match else None
 
 
 def _free_bytes(path: str) -> float:
@@ -193,17 +208,23 @@ def repair(path: str) -> list[dict]:
     return records
 
 
+def read_step_records(path: str) -> list[dict]:
+    """The complete records of a metrics file, each with an integer ``step``; a line without one is
+    a ValueError naming it. None (an empty list) when the file does not exist."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    for number, record in _records(path):
+        if isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: expected a record with an integer 'step'")
+        records.append(record)
+    return records
+
+
 def drop_after_step(path: str, step: int) -> None:
     """On resuming from ``step``: keep the complete records of steps up to it (a no-op without the file)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    for number, record in _records(path):
-        if not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}, line {number}: expected a record with an integer 'step'")
-        if record["step"] <= step:
-            kept.append(record)
-    rewrite_records(path, kept)
+    if os.path.exists(path):
+        rewrite_records(path, [record for record in read_step_records(path) if record["step"] <= step])
 
 
 def _flattened(value, prefix: str = "") -> dict:

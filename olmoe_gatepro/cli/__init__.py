@@ -95,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         if error.errno in (errno.EACCES, errno.EPERM) and error.filename:
             command.error(f"{error.filename}: permission denied")
         raise
-    except (RuntimeError, MemoryError) as error:  # sizes too large for this machine
+    except Exception as error:  # sizes too large for this machine; a full disk that a Rust library reports
         from olmoe_gatepro.devices import out_of_memory
+        from olmoe_gatepro.jsonl import os_error_of, write_error
 
+        failed_write = os_error_of(error)
+        if failed_write is not None and failed_write.errno in WRITE_ERRNOS:
+            command.error(f"cannot write the output: {write_error(failed_write, '').strerror} ({type(error).__name__})")
         message = out_of_memory(error)
         if message is None:
             raise

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from olmoe_gatepro.evaluation.results import RESULT_FILES, load_result
-from olmoe_gatepro.jsonl import read_records
+from olmoe_gatepro.jsonl import read_step_records
 
 __all__ = ["RunCurves", "TRAIN_LOSS", "switch_tokens", "curves_from_metrics", "curves_from_records",
            "curves_from_checkpoint_results",
@@ -83,7 +83,7 @@ def curves_from_metrics(folder: str, label: str) -> RunCurves:
         raise ValueError(f"{path} not found: the run has not logged any metrics yet")
     tokens_per_step = run.train.tokens_per_step
     points = [(name, record["step"], record["step"] * tokens_per_step, float(value))
-              for record in read_records(path) for key, value in record.items()
+              for record in read_step_records(path) for key, value in record.items()
               if (name := _curve_name(key)) is not None and isinstance(value, (int, float))]
     return _collect(RunCurves(label, switches=switch_tokens(dataclasses.asdict(run.gatepro), tokens_per_step)), points)
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from olmoe_gatepro.checkpoints import find_checkpoint
-from olmoe_gatepro.jsonl import write_error, write_text_atomically
+from olmoe_gatepro.jsonl import os_error_of, write_error, write_text_atomically
 from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
 from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE, RunConfig, load_run_config
 from olmoe_gatepro.olmo_core.train import build_transformer_config
@@ -496,8 +496,9 @@ def convert_checkpoint(
         os.remove(os.path.join(partial, PARTIAL_MARKER))
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)  # a full disk or a failed validation: no half-written folder
-        if isinstance(error, OSError):
-            raise write_error(error, error.filename or partial) from None
+        failed_write = os_error_of(error)
+        if failed_write is not None:
+            raise write_error(failed_write, out_dir) from None
         raise
     os.replace(partial, out_dir)
     return record

@@ -1087,9 +1087,11 @@ def test_smoke_sizes(workdir, capsys, flags, message):
                   "to allocate 102400000000 bytes. Error code 12 (Cannot allocate memory)"),
      "out of memory: the run tried to allocate 102.4 GB at once; choose smaller sizes"),
     (MemoryError(), "out of memory; choose smaller sizes"),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' way
+     "cannot write the output: the disk is full (Exception)"),
     (RuntimeError("shape mismatch"), None),
 ])
-def test_an_allocation_too_large_for_this_machine_is_one_line(monkeypatch, capsys, error, message):
+def test_an_allocation_too_large_or_a_full_disk_is_one_line(monkeypatch, capsys, error, message):
     import olmoe_gatepro.cli.tiny as tiny
 
     def allocate(*args, **kwargs):
@@ -1194,3 +1196,33 @@ def test_config_copy_to_a_place_that_cannot_be_written(workdir, capsys, read_onl
              f"--copy-to {read_only_folder}/mine: cannot be created")
     _refused(["config", "show", "olmoe-1b-7b/gatepro", "--copy-to", "a-file"], capsys,
              "--copy-to a-file: exists and is not a folder")
+
+
+@pytest.mark.parametrize("metrics, message", [
+    (b'{"step": 1, "train/CE loss": 5.0}\n{"train/CE loss": 4.0}\n', "metrics.jsonl, line 2: expected a record with an "
+                                                                     "integer 'step'"),
+    (b'{"step": 1, "train/CE loss": 5.0}\n{"step": 2, "train/CE loss": \xff}\n', "metrics.jsonl, line 2: not UTF-8"),
+])
+def test_compare_curves_name_a_bad_metrics_line(workdir, capsys, metrics, message):
+    import dataclasses
+
+    from olmoe_gatepro.olmo_core.run_config import load_run_config
+
+    run = workdir / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(dataclasses.asdict(load_run_config(TINY_CONFIG))))
+    (run / "metrics.jsonl").write_bytes(metrics)
+    _refused(["compare", "--curves", f"a={run}", "--out", "out"], capsys, f"--curves a={run}: {run}/{message}")
+    assert not os.path.exists("out")
+
+
+def test_convert_on_a_full_disk_leaves_no_partial_folder(workdir, capsys, olmo_core_checkpoint, small_disk):
+    import dataclasses
+
+    source, run = olmo_core_checkpoint
+    config = workdir / "run.yaml"
+    config.write_text(json.dumps(dataclasses.asdict(run)))
+    _fill(small_disk)
+    _refused(["convert", f"{source}/step3", "--out", str(small_disk / "hf"), "--config", str(config), "--no-validate"],
+             capsys, f"{small_disk}/hf", ": cannot write: the disk is full; nothing half-written was left")
+    assert sorted(os.listdir(small_disk)) == ["filler"]
