@@ -13,6 +13,10 @@ import os
 import re
 import sys
 
+from olmoe_gatepro.olmo_core.cpu import interpret_triton_without_cuda
+
+interpret_triton_without_cuda()  # before the imports below load triton.language: OLMo-core's MoE on a CPU needs it
+
 from olmoe_gatepro.core.config import GateProConfig
 from olmoe_gatepro.checkpoints import model_kind
 from olmoe_gatepro.evaluation.inspect_routing import DEFAULT_PENALTIES
