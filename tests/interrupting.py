@@ -1,4 +1,7 @@
-"""Ctrl-C for the tests: run a command in a subprocess and send it a real SIGINT once it is busy."""
+"""Ctrl-C for the tests: run a command in a subprocess and send it a real SIGINT once it is busy.
+
+As a terminal does, the SIGINT goes to the command's whole process group (its worker processes too).
+"""
 
 import os
 import signal
@@ -27,18 +30,18 @@ def interrupt_once(command: list[str], busy, log: Path, timeout: float = 600, gr
     is still running ``grace`` seconds after the signal.
     """
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=single_threaded_env() if env is None else env)
         deadline = time.monotonic() + timeout
         while not busy():
             assert process.poll() is None, f"ended (exit {process.returncode}) before it was busy:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "never got busy"
             time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         sent = time.monotonic()
         try:
             code = process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError(f"still running {grace} s after SIGINT:\n{log.read_text()[-3000:]}") from None
     return code, log.read_text(), time.monotonic() - sent

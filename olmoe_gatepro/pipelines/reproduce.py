@@ -56,6 +56,7 @@ from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_
 from olmoe_gatepro.jsonl import folder_lock, keep_settings, read_json, read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.evaluation.lm_eval_suite import TASKS, evaluate
 from olmoe_gatepro.evaluation.results import IN_LOOP_RESULT_FILE, RESULT_FILE, write_evaluation
+from olmoe_gatepro.interrupts import remembered_interrupts
 from olmoe_gatepro.olmo_core.cost import Throughput, cost_lines
 from olmoe_gatepro.pipelines.launch import LAUNCHERS, Cluster, check_trainings, launch
 from olmoe_gatepro.pipelines.presets import PIPELINE_PRESETS, REPRODUCE_PRESETS, ReproducePreset, TinyRunConfig
@@ -127,8 +128,29 @@ def _in_workers(function, jobs: list[tuple], workers: int) -> None:
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for future in as_completed([pool.submit(function, *job) for job in jobs]):
-            print(future.result(), flush=True)
+        futures = [pool.submit(_interruptible, function, *job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                print(future.result(), flush=True)
+        except KeyboardInterrupt:  # the workers got the Ctrl-C too: their jobs stop at the next step
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+_worker_interrupted = False  # in a worker process: a Ctrl-C arrived, so the jobs queued to it do not start
+
+
+def _interruptible(function, *job):
+    """``function(*job)`` in a worker, where a Ctrl-C that Python swallowed is raised again at the next step."""
+    global _worker_interrupted
+    if _worker_interrupted:
+        raise KeyboardInterrupt
+    try:
+        with remembered_interrupts():
+            return function(*job)
+    except KeyboardInterrupt:
+        _worker_interrupted = True
+        raise
 
 
 def _make_run_folder(out_dir: str) -> None:
@@ -336,7 +358,12 @@ def _run_stages(stages: list[Stage], dry_run: bool) -> None:
             print(f"{stage.name}: done ({stage.done})")
             continue
         print(f"{stage.name}: {shlex.join(stage.command)}", flush=True)
-        code = subprocess.run(stage.command).returncode
+        process = subprocess.Popen(stage.command)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too and ends on its own (train: with a checkpoint)
+            process.wait()
+            raise
         if code != 0:
             raise RuntimeError(f"stage '{stage.name}' failed with exit code {code}; rerun reproduce to continue")
         if not os.path.exists(stage.done):  # a training asked to stop ends well, before its end

@@ -170,3 +170,16 @@ def test_every_recorded_metric_lands_in_the_metrics_file(runs):
     resolved = json.loads((root / "straight/olmo_core_config.json").read_text())
     assert {"run", "model", "train_module", "dataset", "data_loader", "trainer"} <= set(resolved)
     assert resolved["run"]["train"]["save_folder"] == str(root / "straight")
+
+
+def test_inspect_of_a_run_folder_on_the_cpu_without_triton_interpret_set(runs, tmp_path):
+    """The CLI chooses Triton's interpreter before the Trainer's imports load triton.language
+    (it crashed: "Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    root, _, _ = runs
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the compiled kernels run")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "olmoe_gatepro.cli", "inspect", str(root / "straight"), "--max-tokens",
+                             "64", "--out", str(tmp_path / "routing")], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "routing" / "routing.json").read_text())["models"][0]["tokens"] == 64

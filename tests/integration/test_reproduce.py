@@ -3,6 +3,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from olmoe_gatepro.cli import main
 
@@ -79,3 +80,36 @@ def test_refuses_a_folder_of_another_preset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--preset", "tiny", "--out", str(out)])
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(first_run, tmp_path):
+    """As if only the baselines were done: a real SIGINT (to the process group, workers included) while the
+    GatePro arms train or are evaluated ends with exit 130; the rerun finishes with the checkpoints of the
+    uninterrupted run bit for bit, and the same report."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from interrupting import CLI, interrupt_once
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out, ignore=shutil.ignore_patterns(".reproduce.lock", "gatepro-seed*", "report"))
+    log = tmp_path / "cut.log"
+    seen = []
+
+    def busy():  # two seconds after the finished baselines were skipped: the GatePro arms are under way
+        if log.exists() and "train baseline-seed1: done" in log.read_text():
+            seen.append(time.monotonic())
+            return seen[-1] - seen[0] >= 2
+        return False
+
+    code, output, seconds = interrupt_once([*CLI, "reproduce", "--preset", "tiny", "--out", str(out)], busy, log)
+    assert code == 130 and "interrupted" in output and "Traceback" not in output, output[-3000:]
+    assert not (out / "report" / "table.md").exists()
+    _run(out)
+    for model in ("baseline-seed0", "baseline-seed1", "gatepro-seed0", "gatepro-seed1"):
+        expected, got = (load_file(folder / model / "checkpoint" / "model.safetensors") for folder in (first_run, out))
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[key], expected[key]) for key in expected), model
+    for name in ("table.md", "table.csv", "routing/routing.csv"):
+        assert (out / "report" / name).read_bytes() == (first_run / "report" / name).read_bytes(), name
