@@ -543,7 +543,13 @@ def test_bad_environment_values_name_the_variable(workdir, capsys, monkeypatch, 
     _refused(["compare", "a", "b"], capsys, message)
 
 
-KNOWN = "(known: OLMOE_GATEPRO, OLMOE_GATEPRO_PENALTY, OLMOE_GATEPRO_NUM_COMPETITORS, OLMOE_GATEPRO_HARD)"
+def _known() -> str:
+    from olmoe_gatepro.env_activation import KNOWN_VARIABLES
+
+    return f"(known: {', '.join(KNOWN_VARIABLES)})"
+
+
+KNOWN = _known()
 
 
 @pytest.mark.parametrize("variable, suggestion", [
@@ -946,15 +952,20 @@ def test_a_full_disk_during_a_plot_leaves_no_partial_png(small_disk):
     assert _leftovers(small_disk) == [] and not (small_disk / "curves.png").exists()
 
 
-def test_prepare_data_on_a_full_disk_keeps_the_shards_written_and_leaves_no_partial(small_disk, tmp_path, capsys):
-    text = tmp_path / "text.jsonl"  # 8 shards of 12 000 tokens (24 kB): the first two fit, the third does not
-    text.write_text("".join(json.dumps({"text": "x" * 11_999}) + "\n" for _ in range(8)))
+def test_prepare_data_on_a_full_disk_keeps_the_units_written_and_leaves_no_partial(small_disk, tmp_path, capsys):
+    from olmoe_gatepro.data import MANIFEST_FILE
+
+    # 3 files (units) of 4 documents of 4 000 tokens: 8 kB shards, 32 kB a unit; the first fits, the second does not
+    texts = [tmp_path / f"text{index}.jsonl" for index in range(3)]
+    for text in texts:
+        text.write_text("".join(json.dumps({"text": "x" * 3_999}) + "\n" for _ in range(4)))
     out = small_disk / "tokens"
-    _refused(["prepare-data", str(text), "--out", str(out), "--tokens-per-file", "12000"], capsys,
-             "tokens/part-00002.npy: cannot write: the disk is full; nothing half-written was left")
-    assert sorted(os.listdir(out)) == ["part-00000.npy", "part-00001.npy"]
-    assert all(os.path.getsize(out / name) == 24_000 for name in os.listdir(out))  # each one whole
-    assert _leftovers(out) == []
+    _refused(["prepare-data", *map(str, texts), "--out", str(out), "--tokens-per-file", "4000"], capsys,
+             f"{out}/", ": cannot write: the disk is full; nothing half-written was left")
+    shards = sorted(name for name in os.listdir(out) if name != MANIFEST_FILE)
+    assert shards == [f"part-{index:05d}.npy" for index in range(4)]  # the whole first unit, named
+    assert all(os.path.getsize(out / name) == 8_000 for name in shards)  # each one whole
+    assert len(json.loads((out / MANIFEST_FILE).read_text())["done"]) == 1 and _leftovers(out) == []
 
 
 # ---------------------------------------------------------------------------------------------
