@@ -55,6 +55,7 @@ LAYER_METRICS = (
     "spectral_entropy",
     "zero_token_count",
     "load_imbalance",
+    "load_entropy",
     "flip_rate",
     "partner_coactivation",
     "partner_coactivation_chance",
