@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "olmoe_gatepro.cli"]
+# The command line with this project's test presets registered (tests/presets.py), as conftest does in process.
+CLI = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import presets; presets.register(); "
+       "from olmoe_gatepro.cli import main; sys.exit(main(sys.argv[1:]))", os.path.dirname(os.path.abspath(__file__))]
 
 
 def single_threaded_env() -> dict:
