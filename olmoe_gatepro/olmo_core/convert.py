@@ -450,9 +450,9 @@ def convert_checkpoint(
     hf_architecture(trained.model)  # refuses before any weight is read
     try:
         tokenizer_object = hf_tokenizer(trained.tokenizer, trained.eos_token_id, trained.pad_token_id)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise OSError(
+        raise ValueError(
             f"tokenizer {trained.tokenizer!r} (of {trained.config_file or 'the run config'}) cannot be loaded "
             f"({first_line}); pass --tokenizer: a tokenizer.json, a tokenizer folder, or a file ai2-olmo-eval "
             "ships, e.g. tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json (OLMoE's)") from None

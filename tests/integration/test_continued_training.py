@@ -95,7 +95,7 @@ def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(stand_i
                 "--gatepro-penalty", "0.05", *LONGER, *flags, "--out", str(out)]
 
     with deterministic_cpu():  # one thread, as in the interrupted subprocess
-        assert main(command(tmp_path / "whole")[3:]) == 0
+        assert main(command(tmp_path / "whole")[len(CLI):]) == 0
     metrics = tmp_path / "cut" / "gatepro_metrics.jsonl"
     code, output, seconds = interrupt_once(command(tmp_path / "cut"), lambda: metrics.exists(), tmp_path / "cut.log")
     assert code == 130 and "Traceback" not in output, output[-3000:]
@@ -103,11 +103,11 @@ def test_ctrl_c_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(stand_i
     assert 1 <= stopped < 16 and (tmp_path / "cut" / f"checkpoint-{stopped}").is_dir(), output[-3000:]
     assert not (tmp_path / "cut" / "hf").exists()
     before = _snapshot(tmp_path / "cut")
-    _refused(command(tmp_path / "cut", "--lr", "2e-3", "--seed", "1")[3:], capsys,
+    _refused(command(tmp_path / "cut", "--lr", "2e-3", "--seed", "1")[len(CLI):], capsys,
              "holds a run with other settings", "lr: 0.001 there, 0.002 now", "seed: 0 there, 1 now")
     assert _snapshot(tmp_path / "cut") == before
     with deterministic_cpu():
-        assert main(command(tmp_path / "cut")[3:]) == 0
+        assert main(command(tmp_path / "cut")[len(CLI):]) == 0
     expected, got = (load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("whole", "cut"))
     assert got.keys() == expected.keys()
     for key in expected:

@@ -187,7 +187,7 @@ def test_top_k_weights_renormalised_to_sum_1_become_norm_topk_prob(saved_reorder
         saved["dataset"]["tokenizer"]["identifier"] = str(tmp_path / "gone/tokenizer.json")
 
     edited = _edited_copy(step_dir, tmp_path / "step5", renormalise)
-    with pytest.raises(OSError, match="gone/tokenizer.json.*cannot be loaded.*pass --tokenizer"):
+    with pytest.raises(ValueError, match="gone/tokenizer.json.*cannot be loaded.*pass --tokenizer"):
         convert_checkpoint(str(edited), str(tmp_path / "hf"))
     assert cli.main(["convert", str(edited), "--out", str(tmp_path / "hf"), "--tokenizer", tokenizer]) == 0
     assert f"wrote {tmp_path / 'hf'}: FlexOlmoForCausalLM (step 5 of" in capsys.readouterr().out

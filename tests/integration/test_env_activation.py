@@ -35,7 +35,7 @@ def _run_script(tmp_path, **env_vars):
 def test_pth_hook_is_installed_and_current():
     installed = Path(sysconfig.get_paths()["purelib"]) / "olmoe_gatepro_env.pth"
     assert installed.exists(), "olmoe_gatepro_env.pth is missing from site-packages: install the package (make test does)"
-    assert installed.read_text() == (Path(__file__).resolve().parent.parent / "olmoe_gatepro_env.pth").read_text(), (
+    assert installed.read_text() == (Path(__file__).resolve().parents[2] / "olmoe_gatepro_env.pth").read_text(), (
         f"{installed} is not the repository's olmoe_gatepro_env.pth: reinstall the package (pip install -e .)")
 
 

@@ -61,8 +61,8 @@ def test_ctrl_c_ends_smoke_with_130_and_nothing_written(tmp_path):
     from interrupting import CLI, interrupt_once
 
     log = tmp_path / "smoke.log"
-    command = [*CLI, "smoke", "--steps", "400", "--log-every", "1", "--batch-size", "2", "--seq-len", "32",
-               "--num-layers", "1", "--num-experts", "4", "--top-k", "2", "--hidden-size", "32", "--num-heads", "2",
+    command = [*CLI, "smoke", "--steps", "400", "--metrics-interval-steps", "1", "--global-batch-sequences", "2", "--sequence-length", "32",
+               "--n-layers", "1", "--num-experts", "4", "--top-k", "2", "--d-model", "32", "--n-heads", "2",
                "--expert-hidden-size", "16", "--out", str(tmp_path / "out")]
     code, output, seconds = interrupt_once(command, lambda: log.exists() and "[baseline] step 2/" in log.read_text(),
                                            log)
