@@ -70,7 +70,6 @@ def _cluster(args, command):
 
 def reproduce_command(args, overrides, command) -> int:
     from olmoe_gatepro.pipelines.launch import LAUNCHERS
-    from olmoe_gatepro.pipelines.reproduce import reproduce, reproduce_pipeline
 
     out = args.out or f"runs/reproduce-{args.preset}"
     pipeline_flags = [action.option_strings[0] for group in command._action_groups[2:] for action in group._group_actions
@@ -82,6 +81,8 @@ def reproduce_command(args, overrides, command) -> int:
             if given and not (args.dry_run or args.launcher in LAUNCHERS):
                 command.error(f"{given[0]}: the cost estimate is printed with --dry-run or --launcher "
                               f"{' / '.join(LAUNCHERS)}")
+            from olmoe_gatepro.pipelines.reproduce_pipeline import reproduce_pipeline
+
             reproduce_pipeline(args.preset, out, launcher=args.launcher, overrides=tuple(overrides),
                                shipped_eval_data=args.shipped_eval_data, dry_run=args.dry_run, cluster=cluster,
                                throughput=cost)
@@ -90,6 +91,8 @@ def reproduce_command(args, overrides, command) -> int:
             command.error(f"--preset {args.preset} runs in this process: it takes no config overrides or flags of "
                           f"the pipeline presets (got {overrides[0] if overrides else pipeline_flags[0]})")
         require("accelerate")  # the tiny presets train with the Trainer, whose own check names no module
+        from olmoe_gatepro.pipelines.tiny_reproduce import reproduce
+
         reproduce(args.preset, out)
     except ValueError as error:  # ConfigError is a ValueError
         command.error(str(error))

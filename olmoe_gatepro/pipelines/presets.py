@@ -14,6 +14,7 @@ __all__ = ["TinyRunConfig", "ReproducePreset", "REPRODUCE_PRESETS", "PipelinePre
            "StudySetting", "StudyPreset", "STUDY_PRESETS", "PAPER_GRID"]
 
 CORPORA = ("small", "stdlib")
+CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")  # the "small" corpus
 
 
 @dataclass(frozen=True)

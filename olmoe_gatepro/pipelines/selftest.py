@@ -389,7 +389,7 @@ def _check_olmo_core_end_to_end(context: _Context) -> tuple[str, str]:
 
     from olmoe_gatepro.olmo_core.convert import convert_checkpoint
     from olmoe_gatepro.data import write_token_files
-    from olmoe_gatepro.pipelines.tiny_run import CORPUS_MODULES
+    from olmoe_gatepro.pipelines.presets import CORPUS_MODULES
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="olmoe-gatepro-selftest-") as work:

@@ -2,12 +2,14 @@
 
 Every run of a study starts from the same initial weights and sees the same batches for a
 seed; settings differ only in GatePro (off, lambda, top-m competitors, hard competition) and
-in whether the load-balancing loss is on. Each run logs, per layer and every ``log_every``
+in whether the load-balancing loss is on. Each run logs, per layer and every ``metrics_interval_steps``
 steps, the metrics of ``tiny_run.LAYER_METRICS`` and the training and held-out loss. The
 report folder holds ``records.jsonl`` (one line per finished run, appended atomically, so an
 interrupted study resumes where it stopped: the runs recorded are kept, the one under way is
 trained again from its start; a rerun with other settings is refused), ``summary.csv``/``summary.md`` (final values,
-mean and standard deviation over seeds) and Figure 4/5-style PNG plots.
+mean and standard deviation over seeds), ``differences.csv``/``differences.md`` (each setting
+minus "off" at the same LBL weight, seed by seed, with 95% t intervals and Holm over every test
+of the study: ``differences_to_off``) and Figure 4/5-style PNG plots.
 """
 
 import csv
@@ -17,12 +19,14 @@ import os
 import statistics
 import time
 
+from olmoe_gatepro.evaluation.compare import ROUTING_METRICS, end_of_training_routing, routing_differences
+from olmoe_gatepro.evaluation.paired_stats import ALPHA, MIN_SEEDS, holm, seed_level_test
 from olmoe_gatepro.interrupts import raise_if_interrupted
-from olmoe_gatepro.jsonl import append_record, keep_settings, repair, write_text_atomically
+from olmoe_gatepro.jsonl import append_record, atomic_file, keep_settings, repair, write_text_atomically
 from olmoe_gatepro.pipelines.presets import StudyPreset
 from olmoe_gatepro.pipelines.tiny_run import LAYER_METRICS, corpus_tokens, train_tiny
 
-__all__ = ["run_study", "summarise", "activation_step"]
+__all__ = ["run_study", "summarise", "differences_to_off", "activation_step"]
 
 
 def _run_key(setting: str, lb_loss_weight: float, seed: int) -> str:
@@ -133,6 +137,70 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+DIFFERENCE_COLUMNS = (*((key, name, unit) for key, name, _, unit in ROUTING_METRICS), ("held_out_loss", "held-out loss", ""))
+
+
+def differences_to_off(results: list[dict]) -> list[dict]:
+    """Per (setting, LBL weight) other than "off": what it changed, against "off" at that LBL weight.
+
+    Seed by seed (a seed sets the initial weights and the batches of every setting, so the test
+    is paired): the routing at the end of training (``compare.end_of_training_routing``, mean over
+    layers) and the final held-out loss, each a ``paired_stats.seed_level_test`` under
+    ``tests[column]`` (``DIFFERENCE_COLUMNS``), with ``p_adjusted`` and ``significant`` after Holm
+    over every test of the study (and only with ``MIN_SEEDS`` seeds and a spread above 0).
+    """
+    runs: dict[tuple[str, float], dict[int, list[dict]]] = {}
+    for result in results:
+        runs.setdefault((result["setting"], result["lb_loss_weight"]), {})[result["seed"]] = result["records"]
+    rows = []
+    for (setting, lbl), by_seed in runs.items():
+        off = runs.get(("off", lbl))
+        if setting == "off" or off is None:
+            continue
+        seeds = sorted(set(by_seed) & set(off))
+        routing = routing_differences([end_of_training_routing(off[seed]) for seed in seeds],
+                                      [end_of_training_routing(by_seed[seed]) for seed in seeds], paired=True)
+        tests = {key: routing[key]["overall"] for key, *_ in ROUTING_METRICS}
+        tests["held_out_loss"] = seed_level_test([off[seed][-1]["held_out_loss"] for seed in seeds],
+                                                 [by_seed[seed][-1]["held_out_loss"] for seed in seeds], paired=True)
+        rows.append({"setting": setting, "lb_loss_weight": lbl, "seeds": len(seeds), "tests": tests})
+    every = [test for row in rows for test in row["tests"].values()]
+    for test, adjusted in zip(every, holm([test["p_value"] for test in every])):
+        test["p_adjusted"] = adjusted
+        test["significant"] = min(test["seeds"]) >= MIN_SEEDS and not test["zero_spread"] and adjusted < ALPHA
+    return rows
+
+
+def _difference_cell(test: dict) -> str:
+    if math.isnan(test["ci95_low"]):
+        return f"{test['delta']:+.3g} (no interval: {'seed spread 0' if test['zero_spread'] else 'one seed'})"
+    cell = f"{test['delta']:+.3g} ({test['ci95_low']:+.3g} to {test['ci95_high']:+.3g}), p {test['p_adjusted']:.2g}"
+    return f"**{cell}**" if test["significant"] else cell
+
+
+def _differences_markdown(rows: list[dict]) -> str:
+    tests = sum(len(row["tests"]) for row in rows)
+    lines = [f"Each setting minus \"off\" at the same LBL weight, paired by seed: the mean difference, its 95% t "
+             f"interval and the Holm-adjusted p over all {tests} tests of this study; **bold**: an effect "
+             f"(adjusted p < {ALPHA:g}, with {MIN_SEEDS}+ seeds). Routing: the mean over layers of each run's "
+             "logged steps after 75% of training (co-activation in points, zero-token experts per batch); "
+             "held-out loss: the final one.", "",
+             "| setting | LBL | seeds | " + " | ".join(f"{name} ({unit})" if unit else name
+                                                   for _, name, unit in DIFFERENCE_COLUMNS) + " |",
+             "|" + " --- |" * (len(DIFFERENCE_COLUMNS) + 3)]
+    for row in rows:
+        cells = [_difference_cell(row["tests"][key]) for key, *_ in DIFFERENCE_COLUMNS]
+        lines.append(f"| {row['setting']} | {row['lb_loss_weight']:g} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _differences_csv_rows(rows: list[dict]) -> list[dict]:
+    return [{"setting": row["setting"], "lb_loss_weight": row["lb_loss_weight"], "seeds": row["seeds"], "metric": key,
+             **{field: row["tests"][key][field] for field in ("delta", "ci95_low", "ci95_high", "p_value", "p_adjusted",
+                                                              "significant", "zero_spread")}}
+            for row in rows for key, *_ in DIFFERENCE_COLUMNS]
+
+
 def _markdown_table(rows: list[dict]) -> str:
     header = ["setting", "LBL"] + list(SUMMARY_COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -153,14 +221,25 @@ def _markdown_table(rows: list[dict]) -> str:
 def write_report(results: list[dict], out_dir: str) -> None:
     """summary.csv, summary.md and the plots, each written whole or not at all."""
     rows = summarise(results)
-    partial = os.path.join(out_dir, "summary.csv.partial")
-    with open(partial, "w", newline="") as file:
+    with atomic_file(os.path.join(out_dir, "summary.csv")) as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, os.path.join(out_dir, "summary.csv"))
     write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
-    from olmoe_gatepro.evaluation.plots import plot_diversity_curves, plot_zero_token_curves
+    differences = differences_to_off(results)
+    if differences:
+        with atomic_file(os.path.join(out_dir, "differences.csv")) as file:
+            writer = csv.DictWriter(file, fieldnames=list(_differences_csv_rows(differences)[0]))
+            writer.writeheader()
+            writer.writerows(_differences_csv_rows(differences))
+        write_text_atomically(os.path.join(out_dir, "differences.md"), _differences_markdown(differences))
+    from olmoe_gatepro.evaluation.plots import TrainingCurves, plot_diversity_curves, plot_zero_token_curves
 
-    plot_zero_token_curves(results, os.path.join(out_dir, "zero_token_count.png"))
-    plot_diversity_curves(results, os.path.join(out_dir, "diversity.png"))
+    curves = [TrainingCurves(_legend_label(result["setting"], result["lb_loss_weight"]), result["records"],
+                             colour=result["setting"], dashed=not result["lb_loss_weight"]) for result in results]
+    plot_zero_token_curves(curves, os.path.join(out_dir, "zero_token_count.png"))
+    plot_diversity_curves(curves, os.path.join(out_dir, "diversity.png"))
+
+
+def _legend_label(setting: str, lb_loss_weight: float) -> str:
+    return f"{setting}, LBL {lb_loss_weight:g}" if lb_loss_weight else f"{setting}, no LBL"

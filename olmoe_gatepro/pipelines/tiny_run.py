@@ -34,7 +34,7 @@ from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 from olmoe_gatepro.data import byte_tokenizer
 from olmoe_gatepro.interrupts import raise_if_interrupted
-from olmoe_gatepro.pipelines.presets import TinyRunConfig
+from olmoe_gatepro.pipelines.presets import CORPUS_MODULES, TinyRunConfig
 from olmoe_gatepro.transformers.trainer_callback import METRICS_FILE, GateProTrainerCallback
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 HELD_OUT_SEED = 1234  # the held-out batch is the same for every run and seed
-CORPUS_MODULES = ("argparse", "collections", "dataclasses", "difflib", "json.decoder", "textwrap")
 LAYER_METRICS = (
     "avg_cosine_similarity",
     "avg_angle_deg",

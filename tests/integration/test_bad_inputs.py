@@ -148,10 +148,10 @@ def test_reproduce(workdir, capsys):
 
 
 def test_reproduce_refuses_a_folder_another_run_holds(workdir, capsys):
-    from olmoe_gatepro.pipelines.reproduce import run_folder_lock
+    from olmoe_gatepro.pipelines.run_folder import run_folder_lock
 
     held = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom olmoe_gatepro.pipelines.reproduce import run_folder_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom olmoe_gatepro.pipelines.run_folder import run_folder_lock\n"
          "with run_folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)", str(workdir / "run")],
         stdout=subprocess.PIPE, text=True)
     try:

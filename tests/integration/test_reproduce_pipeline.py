@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from olmoe_gatepro.cli import main
-from olmoe_gatepro.pipelines.reproduce import pipeline_stages
+from olmoe_gatepro.pipelines.reproduce_pipeline import pipeline_stages
 
 
 def _dry_run(capsys, *args) -> list[str]:
@@ -76,7 +76,7 @@ def test_pipeline_refusals(tmp_path, capsys):
 
 def test_a_stage_that_ends_well_without_its_output_stops_the_pipeline(tmp_path):
     """A training asked to stop exits 0 before its end: without train.done, nothing after it runs."""
-    from olmoe_gatepro.pipelines.reproduce import Stage, _run_stages
+    from olmoe_gatepro.pipelines.reproduce_pipeline import Stage, _run_stages
 
     marker = tmp_path / "converted"
     stages = [Stage("train x", ["true"], str(tmp_path / "x/train.done")),
