@@ -756,7 +756,7 @@ def _routing_markdown(routing: list[dict], paired: bool) -> list[str]:
     return lines
 
 
-def _end_of_training(records: list[dict]) -> list[dict]:
+def end_of_training_routing(records: list[dict]) -> list[dict]:
     """A run's layers' metrics averaged over its logged steps after ``END_OF_TRAINING`` of its last step."""
     last = records[-1]["step"]
     late = [record for record in records if record["step"] >= END_OF_TRAINING * last]
@@ -781,7 +781,7 @@ def routing_summary(arms: list[Arm], paired_seeds: bool = False) -> list[dict]:
         applied = f"on, lambda {gatepro['penalty']:g}" + (", hard" if gatepro.get("hard") else "") \
             if gatepro and gatepro.get("enabled") else "off"
         summary.append({"label": arm.label, "applied": applied, "layers": layers, "overall": statistics.fmean(layers),
-                        "runs": runs, "end_of_training": [_end_of_training(run) for run in runs]})
+                        "runs": runs, "end_of_training": [end_of_training_routing(run) for run in runs]})
     if summary and summary[0]["label"] == arms[0].label:
         measured = all(all(key in layer for key, *_ in ROUTING_METRICS for run in entry["end_of_training"] for layer in run)
                        for entry in summary)  # runs before 0.2 lack partner co-activation
@@ -852,14 +852,14 @@ def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, 
     written["deltas.png"] = ""
     echo(written["table.md"])
     if routing:
-        from olmoe_gatepro.evaluation.plots import plot_coactivation_curves, plot_diversity_curves, plot_zero_token_curves
+        from olmoe_gatepro.evaluation.plots import (TrainingCurves, plot_coactivation_curves, plot_diversity_curves,
+                                                    plot_zero_token_curves)
 
-        runs = [{"setting": entry["label"], "label": entry["label"], "lb_loss_weight": 1.0, "records": records}
-                for entry in routing for records in entry["runs"]]
+        runs = [TrainingCurves(entry["label"], records) for entry in routing for records in entry["runs"]]
         plot_zero_token_curves(runs, os.path.join(out_dir, "zero_token_count.png"))
         plot_diversity_curves(runs, os.path.join(out_dir, "diversity.png"))
         written.update({"zero_token_count.png": "", "diversity.png": ""})
-        if all("partner_coactivation" in layer for run in runs for record in run["records"] for layer in record["layers"]):
+        if all("partner_coactivation" in layer for run in runs for record in run.records for layer in record["layers"]):
             plot_coactivation_curves(runs, os.path.join(out_dir, "coactivation.png"))  # runs before 0.2 lack it
             written["coactivation.png"] = ""
     echo(f"wrote {', '.join(sorted(written))} to {out_dir}")

@@ -1,11 +1,12 @@
 """Figure 4/5-style PNG plots of routing metrics over training, runs on the same axes.
 
-A run is a dict with ``setting``, ``lb_loss_weight`` and ``records`` (as ``tiny_run.train_tiny``
-returns them, or lines of the OLMo-core callback's metrics file), and optionally a legend
-``label``; runs that share setting and LBL weight are averaged over seeds.
+The curve plots take ``TrainingCurves``: one run's records (as ``tiny_run.train_tiny`` returns
+them, or lines of the OLMo-core callback's metrics file) under a legend label; runs that share
+a label are seeds of one recipe and are averaged.
 """
 
 import statistics
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -15,8 +16,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from olmoe_gatepro.jsonl import atomic_file  # noqa: E402
 
-__all__ = ["save_figure", "plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves", "plot_deltas",
-           "plot_inspected_layers", "plot_coactivation_heatmaps"]
+__all__ = ["TrainingCurves", "save_figure", "plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves",
+           "plot_deltas", "plot_inspected_layers", "plot_coactivation_heatmaps"]
 
 DIVERSITY_METRICS = (
     ("avg_cosine_similarity", "average cosine similarity"),
@@ -25,42 +26,44 @@ DIVERSITY_METRICS = (
 )
 
 
-def _mean_curves(runs: list[dict], metric: str, layer: int) -> dict[tuple[str, float], tuple[list, list]]:
-    grouped: dict[tuple[str, float], list[list[dict]]] = {}
+@dataclass(frozen=True)
+class TrainingCurves:
+    """One run's per-step records under its legend ``label`` (runs sharing it are averaged).
+
+    ``colour``: runs sharing it share a colour (default: the label); ``dashed``: a dashed line.
+    """
+
+    label: str
+    records: list[dict]
+    colour: str | None = None
+    dashed: bool = False
+
+
+def _mean_curves(runs: list[TrainingCurves], metric: str, layer: int) -> dict[str, tuple[list, list]]:
+    grouped: dict[str, list[list[dict]]] = {}
     for run in runs:
-        grouped.setdefault((run["setting"], run["lb_loss_weight"]), []).append(run["records"])
+        grouped.setdefault(run.label, []).append(run.records)
     curves = {}
-    for key, seeds in grouped.items():
+    for label, seeds in grouped.items():
         steps = [record["step"] for record in seeds[0]]
         values = [
             statistics.fmean(records[i]["layers"][layer][metric] for records in seeds)
             for i in range(len(steps))
         ]
-        curves[key] = (steps, values)
+        curves[label] = (steps, values)
     return curves
 
 
-def _label(setting: str, lbl: float) -> str:
-    return f"{setting}, LBL {lbl:g}" if lbl else f"{setting}, no LBL"
+def _styles(runs: list[TrainingCurves]) -> dict[str, dict]:
+    """Each label's line: one colour per colour group, dashed where asked."""
+    groups = list(dict.fromkeys(run.colour or run.label for run in runs))
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    return {run.label: dict(color=colours(groups.index(run.colour or run.label)), linestyle="--" if run.dashed else "-",
+                            label=run.label) for run in runs}
 
 
-def _styles(runs: list[dict]) -> dict[tuple[str, float], dict]:
-    """One colour per setting, solid with the load-balancing loss and dashed without."""
-    settings = list(dict.fromkeys(run["setting"] for run in runs))
-    colours = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
-    return {
-        (run["setting"], run["lb_loss_weight"]): dict(
-            color=colours(settings.index(run["setting"])),
-            linestyle="-" if run["lb_loss_weight"] else "--",
-            label=run.get("label") or _label(run["setting"], run["lb_loss_weight"]),
-        )
-        for run in runs
-    }
-
-
-def _seeds_note(runs: list[dict]) -> str:
-    keys = [(run["setting"], run["lb_loss_weight"]) for run in runs]
-    return " (mean over seeds)" if len(set(keys)) < len(keys) else ""
+def _seeds_note(runs: list[TrainingCurves]) -> str:
+    return " (mean over seeds)" if len({run.label for run in runs}) < len(runs) else ""
 
 
 def _legend(figure, axis) -> None:
@@ -82,8 +85,8 @@ def _save(figure, path: str) -> None:
     save_figure(figure, path, bbox_inches="tight")
 
 
-def _per_layer_curves(runs: list[dict], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:
-    num_layers = len(runs[0]["records"][0]["layers"])
+def _per_layer_curves(runs: list[TrainingCurves], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:
+    num_layers = len(runs[0].records[0]["layers"])
     styles = _styles(runs)
     figure, axes = plt.subplots(
         1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False, constrained_layout=True
@@ -92,7 +95,7 @@ def _per_layer_curves(runs: list[dict], path: str, metric: str, ylabel: str, tit
         for key, (steps, values) in _mean_curves(runs, metric, layer).items():
             axis.plot(steps, values, **styles[key])
         if chance is not None:
-            axis.axhline(runs[0]["records"][0]["layers"][layer][chance], color="grey", linestyle=":",
+            axis.axhline(runs[0].records[0]["layers"][layer][chance], color="grey", linestyle=":",
                          label="uniformly random top-k")
         axis.set_title(f"layer {layer}")
         axis.set_xlabel("step")
@@ -102,20 +105,20 @@ def _per_layer_curves(runs: list[dict], path: str, metric: str, ylabel: str, tit
     _save(figure, path)
 
 
-def plot_zero_token_curves(runs: list[dict], path: str) -> None:
+def plot_zero_token_curves(runs: list[TrainingCurves], path: str) -> None:
     """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
     _per_layer_curves(runs, path, "zero_token_count", "experts with no token", "Zero-token count per batch")
 
 
-def plot_coactivation_curves(runs: list[dict], path: str) -> None:
+def plot_coactivation_curves(runs: list[TrainingCurves], path: str) -> None:
     """Partner co-activation over steps against its uniformly random top-k level, one panel per layer."""
     _per_layer_curves(runs, path, "partner_coactivation", "chosen experts whose partner is chosen too",
                       "Partner co-activation", chance="partner_coactivation_chance")
 
 
-def plot_diversity_curves(runs: list[dict], path: str) -> None:
+def plot_diversity_curves(runs: list[TrainingCurves], path: str) -> None:
     """Cosine similarity, angle and spectral entropy over steps, first and last layer (Figure 5)."""
-    num_layers = len(runs[0]["records"][0]["layers"])
+    num_layers = len(runs[0].records[0]["layers"])
     layers = sorted({0, num_layers - 1})
     styles = _styles(runs)
     figure, axes = plt.subplots(
