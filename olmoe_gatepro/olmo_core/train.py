@@ -192,7 +192,11 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
             metrics_collect_interval=min(10, train.metrics_interval_steps),
             cancel_check_interval=train.cancel_check_interval_steps,  # default 1: Ctrl-C stops at the next step
         )
-        .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps))
+        # Saved synchronously: OLMo-core 3.0 records an async save's duration from a background thread,
+        # at different times on different ranks, and the final metrics reduction of a multi-rank run
+        # then waits forever on one rank (seen in tests/integration/test_slurm.py; allenai/OLMo-core#831).
+        .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps,
+                                                            save_async=False))
         .with_callback("interrupt", InterruptCallback())
         .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
         .with_callback("stop_file", StopFileCallback())
