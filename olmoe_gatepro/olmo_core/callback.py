@@ -34,6 +34,9 @@ __all__ = ["GateProCallback", "MetricsFileCallback", "InterruptCallback", "METRI
 class GateProCallback(Callback):
     """Apply ``gatepro``'s schedule to the trainer's model and record routing metrics."""
 
+    # Before the checkpointer (priority 1): a step's record is in the metrics file before its
+    # checkpoint is saved, so a run killed once that checkpoint is complete resumes with it.
+    priority: ClassVar[int] = 2
     gatepro: GateProRunConfig = field(default_factory=GateProRunConfig)
     metrics_interval: int = 100
     metrics_file: str = METRICS_FILE
