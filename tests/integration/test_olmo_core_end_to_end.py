@@ -2,8 +2,9 @@
 
 OLMo-core's MoE runs through Triton's interpreter here (see conftest.py), so the runs are tiny:
 2 sequences of 16 tokens a step. The GatePro run switches GatePro on and off mid-run (the
-hot-swap schedule) and is killed between the two switches; resumed, it must end exactly where
-an uninterrupted run ends.
+hot-swap schedule); killed between the two switches (SIGKILL, a pre-emption), stopped by Ctrl-C,
+or stopped by a STOP file (``olmo_core.stop``, what the SLURM scripts do before a time limit) and
+started again, it must end exactly where an uninterrupted run ends.
 """
 
 import json
@@ -17,9 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from checkpoint_state import assert_same_state, checkpoint_state
+from interrupting import interrupt_once
+
+from olmoe_gatepro.checkpoints import complete_steps
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
-from interrupting import interrupt_once
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS_PER_STEP = 2 * 16
@@ -34,9 +38,9 @@ def _command(folder: Path, tokens: Path, steps: int, *overrides: str) -> list[st
             f"--train.max_tokens={steps * TOKENS_PER_STEP}", *SMALL, *overrides]
 
 
-def _train(folder: Path, tokens: Path, steps: int, *overrides: str) -> str:
+def _train(folder: Path, tokens: Path, steps: int, *overrides: str, expect: int = 0) -> str:
     result = subprocess.run(_command(folder, tokens, steps, *overrides), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == expect, result.stderr[-4000:]
     return result.stderr + result.stdout
 
 
@@ -70,7 +74,15 @@ def runs(tmp_path_factory):
     first_step = root / "interrupted" / "gatepro_metrics.jsonl"
     code, output, seconds = interrupt_once(_command(root / "interrupted", tokens, 6, *SCHEDULE), first_step.exists,
                                            root / "interrupted.log", env=dict(os.environ))
+    stopped = root / "stopped"
+    stopped.mkdir()
+    (stopped / "STOP").touch()
+    stop = {"first": _train(stopped, tokens, 6, *SCHEDULE, expect=1)}  # stopped before its end: not a success
+    stop.update(at=complete_steps(str(stopped)), done=(stopped / "train.done").exists())
+    (stopped / "STOP").unlink()
     logs = {
+        "stop": stop,
+        "stopped": _train(stopped, tokens, 6, *SCHEDULE),
         "straight": _train(root / "straight", tokens, 6, *SCHEDULE),
         "resumed": _train(root / "resumed", tokens, 6, *SCHEDULE),
         "interrupted": _train(root / "interrupted", tokens, 6, *SCHEDULE),
@@ -91,6 +103,18 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_a_rerun_ends_where_
     assert "SIGINT: stopped at step" in output and seconds < 60  # not at OLMo-core's 25-step check
     for key, tensor in weights["straight"].items():
         torch.testing.assert_close(weights["interrupted"][key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_the_stop_file_stops_after_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_run_does(runs):
+    root, logs, _ = runs
+    stop = logs["stop"]
+    assert stop["at"] and stop["at"][-1] < 6 and not stop["done"]
+    assert f"the run was cancelled: stopped at step {stop['at'][-1]} with a checkpoint in {root}/stopped" in stop["first"]
+    assert "STOP exists: stopping at the next cancel check" in stop["first"]
+    assert f"Loading checkpoint from '{root}/stopped/step{stop['at'][-1]}'" in logs["stopped"]
+    for name in ("straight", "stopped"):
+        assert json.loads((root / name / "train.done").read_text()) == {"step": 6, "tokens": 6 * TOKENS_PER_STEP}
+    assert_same_state(checkpoint_state(root / "straight/step6"), checkpoint_state(root / "stopped/step6"))
 
 
 def test_rerun_of_a_finished_or_other_run_and_missing_data(runs, tmp_path, capsys):
