@@ -68,6 +68,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobRequeue=1
 ReturnToService=2
+MinJobAge=3600
 MpiDefault=none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
 PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP
@@ -127,7 +128,8 @@ def _until(condition, what: str, seconds: float, details=lambda: "") -> None:
 
 
 def _job(job: str) -> dict[str, str]:
-    """``scontrol show job`` as a mapping (completed jobs stay listed for MinJobAge, 300 s)."""
+    """``scontrol show job`` as a mapping (ended jobs stay listed for MinJobAge: an hour here, not the default 5 min,
+    since the test waits for all three to end)."""
     return dict(re.findall(r"(\w+)=(\S*)", _out(["scontrol", "show", "job", job])))
 
 
