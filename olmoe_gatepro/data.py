@@ -222,6 +222,14 @@ def _write_shard(path: str, ids: list[int], dtype: str) -> dict:
     return {"tokens": len(ids), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _remove_partials(future) -> None:
+    """Remove the ``.partial`` shards of a unit's finished job (a failed job removed its own)."""
+    with contextlib.suppress(BaseException):
+        for shard in future.result():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(shard["partial"])
+
+
 def _tokenise_unit(unit: int, inputs: list[str], out_dir: str, tokenizer: str, eos_token_id: int, dtype: str,
                    tokens_per_file: int) -> list[dict]:
     """Tokenise one unit's ``inputs`` into ``out_dir/unit-UUUUU-KKKKK.npy.partial`` shards; their records (a worker's job)."""
@@ -366,17 +374,20 @@ def write_token_files(
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 ahead = 2 * workers  # units in flight: bounds the unnamed shards on disk
                 futures = {unit: pool.submit(_tokenise_unit, *job(unit)) for unit in todo[:ahead]}
-                for position, unit in enumerate(todo):
-                    try:
+                try:
+                    for position, unit in enumerate(todo):
                         shards = futures.pop(unit).result()  # in input order: a unit is named after all before it
-                    except BaseException:
-                        for pending in futures.values():
-                            pending.cancel()
-                        raise
-                    if position + ahead < len(todo):
-                        later = todo[position + ahead]
-                        futures[later] = pool.submit(_tokenise_unit, *job(later))
-                    finish(unit, shards)
+                        if position + ahead < len(todo):
+                            later = todo[position + ahead]
+                            futures[later] = pool.submit(_tokenise_unit, *job(later))
+                        finish(unit, shards)
+                except BaseException:  # a unit failed, or naming one did: no unit after it leaves a shard
+                    for pending in futures.values():
+                        pending.cancel()
+                    for pending in futures.values():
+                        if not pending.cancelled():
+                            _remove_partials(pending)
+                    raise
     finally:
         bar.close()
     return [os.path.join(out_dir, shard["path"]) for shard in manifest["shards"]]
