@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 
-from olmoe_gatepro.evaluation.compare import ROUTING_METRICS, end_of_training_routing, routing_differences
+from olmoe_gatepro.evaluation.compare import END_OF_TRAINING, ROUTING_METRICS, end_of_training_routing, routing_differences
 from olmoe_gatepro.evaluation.paired_stats import ALPHA, MIN_SEEDS, holm, seed_level_test
 from olmoe_gatepro.interrupts import raise_if_interrupted
 from olmoe_gatepro.jsonl import append_record, atomic_file, keep_settings, repair, write_text_atomically
@@ -183,7 +183,7 @@ def _differences_markdown(rows: list[dict]) -> str:
     lines = [f"Each setting minus \"off\" at the same LBL weight, paired by seed: the mean difference, its 95% t "
              f"interval and the Holm-adjusted p over all {tests} tests of this study; **bold**: an effect "
              f"(adjusted p < {ALPHA:g}, with {MIN_SEEDS}+ seeds). Routing: the mean over layers of each run's "
-             "logged steps after 75% of training (co-activation in points, zero-token experts per batch); "
+             f"logged steps after {END_OF_TRAINING:.0%} of training (co-activation in points, zero-token experts per batch); "
              "held-out loss: the final one.", "",
              "| setting | LBL | seeds | " + " | ".join(f"{name} ({unit})" if unit else name
                                                    for _, name, unit in DIFFERENCE_COLUMNS) + " |",
@@ -218,20 +218,22 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: list[dict], out_dir: str) -> None:
-    """summary.csv, summary.md and the plots, each written whole or not at all."""
-    rows = summarise(results)
-    with atomic_file(os.path.join(out_dir, "summary.csv")) as file:
+def _write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header, written whole or not at all."""
+    with atomic_file(path) as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_report(results: list[dict], out_dir: str) -> None:
+    """summary.csv/md, differences.csv/md and the plots, each written whole or not at all."""
+    rows = summarise(results)
+    _write_csv(os.path.join(out_dir, "summary.csv"), rows)
     write_text_atomically(os.path.join(out_dir, "summary.md"), _markdown_table(rows))
     differences = differences_to_off(results)
     if differences:
-        with atomic_file(os.path.join(out_dir, "differences.csv")) as file:
-            writer = csv.DictWriter(file, fieldnames=list(_differences_csv_rows(differences)[0]))
-            writer.writeheader()
-            writer.writerows(_differences_csv_rows(differences))
+        _write_csv(os.path.join(out_dir, "differences.csv"), _differences_csv_rows(differences))
         write_text_atomically(os.path.join(out_dir, "differences.md"), _differences_markdown(differences))
     from olmoe_gatepro.evaluation.plots import TrainingCurves, plot_diversity_curves, plot_zero_token_curves
 
