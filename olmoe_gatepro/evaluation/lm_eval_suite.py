@@ -317,7 +317,9 @@ def evaluate(
         with tempfile.TemporaryDirectory(prefix="olmoe-gatepro-tasks-") as task_dir:
             if offline:
                 names = write_offline_tasks(task_dir)
-                task_manager = TaskManager(include_path=task_dir)
+                # Only our folder is indexed: the offline YAMLs include the stock ones by absolute path,
+                # and indexing all of lm-eval's own task YAMLs takes seconds.
+                task_manager = TaskManager(include_path=task_dir, include_defaults=False)
             else:
                 names, task_manager = {task: task for task in TASKS}, TaskManager()
             output = lm_eval.simple_evaluate(
