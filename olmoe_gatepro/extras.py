@@ -10,7 +10,6 @@ __all__ = ["EXTRAS", "missing_extra", "require"]
 
 EXTRAS = {  # top-level module -> (what provides it, how to install it)
     "olmo_core": ("ai2-olmo-core", "pip install 'olmoe-gatepro[olmo-core]'"),
-    "triton": ("triton", "pip install 'olmoe-gatepro[cpu]'"),
     "lm_eval": ("lm-eval", "pip install 'olmoe-gatepro[eval]'"),
     "datasets": ("datasets", "pip install 'olmoe-gatepro[eval]'"),
     "scipy": ("scipy", "pip install 'olmoe-gatepro[eval]'"),

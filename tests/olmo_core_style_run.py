@@ -7,8 +7,8 @@ default ``moe_reordered_norm`` block; ``TransformerTrainModuleConfig``; ``NumpyF
 ``TrainerConfig`` with a checkpointer and OLMo-core's ``ConfigSaverCallback``), and the main
 block builds and trains them as ``olmo_core.script_utils.train`` does, on one CPU process. GatePro
 can only come in through the environment (``OLMOE_GATEPRO``, ``OLMOE_GATEPRO_METRICS``): the one
-olmoe_gatepro line is ``enable_cpu_moe()``, which OLMo-core's MoE kernels need on a CPU (as its
-official scripts do there), before OLMo-core is imported.
+olmoe_gatepro line is ``enable_cpu_moe()``, which OLMo-core's MoE needs on a CPU (its token
+copies are CUDA kernels).
 """
 
 import sys
@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
     enable_cpu_moe()
 
-from olmo_core.config import Config  # after the CPU set-up, as Triton requires
+from olmo_core.config import Config
 from olmo_core.data import NumpyDataLoaderConfig, NumpyDatasetDType, NumpyFSLDatasetConfig, TokenizerConfig
 from olmo_core.nn.transformer import TransformerConfig
 from olmo_core.optim import AdamWConfig

@@ -78,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     for warning in warned:  # a misspelt OLMOE_GATEPRO_* variable: one line, not a warning's two
         print(f"olmoe-gatepro {args.command}: warning: {warning.message}", file=sys.stderr)
     from olmoe_gatepro.interrupts import remembered_interrupts
-    from olmoe_gatepro.olmo_core.cpu import interpret_triton_without_cuda
-
-    if args.command != "config":  # reading the shipped configs needs no torch
-        interpret_triton_without_cuda()  # before a command loads triton.language: OLMo-core's MoE on a CPU needs it
 
     try:
         with remembered_interrupts():

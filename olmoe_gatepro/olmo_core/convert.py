@@ -441,7 +441,7 @@ def convert_checkpoint(
     if os.path.exists(partial) and not os.path.exists(os.path.join(partial, PARTIAL_MARKER)):
         raise FileExistsError(f"{partial} exists and was not left by olmoe-gatepro convert; "
                               "move it away or choose another --out")
-    if not torch.cuda.is_available():  # before OLMo-core's MoE code is imported
+    if not torch.cuda.is_available():  # the validation forward runs OLMo-core's MoE on the CPU
         enable_cpu_moe()
     step_dir, step = find_checkpoint(checkpoint)
     trained = _trained_model(step_dir, tokenizer) if run is None else trained_model_from_run(run)

@@ -1,61 +1,114 @@
-"""Run OLMo-core's MoE layers on a machine without CUDA, through Triton's interpreter.
+"""Run OLMo-core's MoE layers on CPU tensors: torch index operations in place of its Triton token copies.
 
-OLMo-core's dropless MoE moves tokens to and from experts with Triton kernels
-(``olmo_core.kernels.moe``). With ``TRITON_INTERPRET=1`` Triton runs those same kernels with
-NumPy on CPU tensors: exact, but slow (seconds a step for a tiny model), so this is for tests,
-tiny runs and checkpoint conversion, never for real training. It needs the ``triton`` package
-(Linux wheels on PyPI).
+OLMo-core's MoE moves tokens to and from the experts with Triton kernels (``olmo_core.kernels.moe``,
+which ``olmo_core.ops.moe`` reaches as ``kernels``), and those need CUDA. ``enable_cpu_moe()``
+puts a stand-in there: CUDA tensors still go to OLMo-core's kernels, every other tensor to the
+functions below, which compute what the kernels compute (float32 products, stored in the input's
+dtype; ``tests/integration/test_cpu_moe.py`` compares them with Triton's interpreter running the
+kernels themselves). It can be called at any time before the first forward, and again.
 
-Call ``enable_cpu_moe()`` before anything imports OLMo-core's MoE code or ``triton.language``
-(``transformers.Trainer`` does): Triton decides at import time whether a kernel, and the
-``triton.language`` functions kernels call, are compiled or interpreted. A process that may need
-it (the CLI) calls ``interpret_triton_without_cuda()`` before its other imports.
+Shapes, as in the kernels: ``x`` (rows, d), or (experts, capacity, d) for the binned copies;
+``indices`` (tokens * top_k,) integers, the token slots sorted by expert; ``bins`` (experts,)
+the running count of slots per expert; ``weights`` (tokens * top_k,) or None. ``bin_ids`` is
+taken for the kernels' signature and not needed here.
 """
 
-import os
-import sys
+from types import SimpleNamespace
 
-__all__ = ["enable_cpu_moe", "interpret_triton_without_cuda"]
+import torch
 
-_KERNELS = "olmo_core.kernels.moe"
+__all__ = ["enable_cpu_moe", "gather", "scatter", "scatter_wgrad", "binned_gather", "binned_scatter",
+           "binned_scatter_wgrad"]
 
 
-def interpret_triton_without_cuda() -> None:
-    """Without CUDA, have Triton interpret (``TRITON_INTERPRET=1``) unless it is set or ``triton.language`` loaded."""
-    import torch
+def _scaled(rows: torch.Tensor, weights: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
+    """``rows`` (n, d) in float32, each times ``weights[slots]`` where there are weights."""
+    rows = rows.float()
+    return rows if weights is None else rows * weights[slots].float()[:, None]
 
-    if not torch.cuda.is_available() and "triton.language" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _sum_top_k(slots: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(tokens * top_k, d) -> (tokens, d): each token's ``top_k`` slots summed, in their dtype."""
+    tokens = slots.shape[0] // top_k
+    return slots.view(tokens, top_k, -1).sum(dim=1) if top_k > 1 else slots.view(tokens, -1)
+
+
+def gather(x, indices, bin_ids, weights, bins, top_k: int) -> torch.Tensor:
+    """(tokens * top_k, d) in ``x``'s dtype: row p is token ``indices[p] // top_k`` of ``x`` (tokens, d), scaled."""
+    slots = indices.long()
+    return _scaled(x[slots // top_k], weights, slots).to(x.dtype)
+
+
+def scatter(x, indices, bin_ids, weights, bins, top_k: int) -> torch.Tensor:
+    """(tokens, d): row p of ``x`` (tokens * top_k, d) goes to slot ``indices[p]``, scaled; a token sums its slots."""
+    slots = indices.long()
+    out = x.new_empty((slots.shape[0], x.shape[1]))
+    out[slots] = _scaled(x[:slots.shape[0]], weights, slots).to(x.dtype)
+    return _sum_top_k(out, top_k)
+
+
+def scatter_wgrad(x, grad, indices, bin_ids, bins, top_k: int) -> torch.Tensor:
+    """(tokens * top_k,) in ``x``'s dtype: slot ``indices[p]`` gets row p of ``x`` dot its token's row of ``grad``."""
+    slots = indices.long()
+    out = x.new_empty(slots.shape[0])
+    out[slots] = (x[:slots.shape[0]].float() * grad[slots // top_k].float()).sum(dim=1).to(x.dtype)
+    return out
+
+
+def _binned(indices, bins, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each slot an expert keeps: its expert, its place in that expert's bin, the slot; those past ``capacity`` drop."""
+    bins = bins.long()
+    positions = torch.arange(int(bins[-1]), device=indices.device)
+    experts = torch.searchsorted(bins, positions, right=True)
+    places = positions - torch.cat([bins.new_zeros(1), bins[:-1]])[experts]
+    kept = places < capacity
+    return experts[kept], places[kept], indices.long()[positions[kept]]
+
+
+def binned_gather(x, indices, weights, bins, expert_capacity: int, top_k: int) -> torch.Tensor:
+    """(experts, expert_capacity, d) in ``x``'s dtype, zero where a bin has fewer tokens: ``gather`` by expert."""
+    experts, places, slots = _binned(indices, bins, expert_capacity)
+    out = x.new_zeros((bins.shape[0], expert_capacity, x.shape[1]))
+    out[experts, places] = _scaled(x[slots // top_k], weights, slots).to(x.dtype)
+    return out
+
+
+def binned_scatter(x, indices, weights, bins, top_k: int) -> torch.Tensor:
+    """(tokens, d): the inverse of ``binned_gather`` for ``x`` (experts, capacity, d); a dropped slot adds 0."""
+    experts, places, slots = _binned(indices, bins, x.shape[1])
+    out = x.new_zeros((indices.shape[0], x.shape[2]))
+    out[slots] = _scaled(x[experts, places], weights, slots).to(x.dtype)
+    return _sum_top_k(out, top_k)
+
+
+def binned_scatter_wgrad(x, grad, indices, bins, top_k: int) -> torch.Tensor:
+    """(tokens * top_k,) in ``x``'s dtype: ``scatter_wgrad`` for ``x`` (experts, capacity, d); 0 for a dropped slot."""
+    experts, places, slots = _binned(indices, bins, x.shape[1])
+    out = x.new_zeros(indices.shape[0])
+    out[slots] = (x[experts, places].float() * grad[slots // top_k].float()).sum(dim=1).to(x.dtype)
+    return out
+
+
+_ON_CPU = {function.__name__: function for function in
+           (gather, scatter, scatter_wgrad, binned_gather, binned_scatter, binned_scatter_wgrad)}
+
+
+def _token_copy(on_cpu, on_cuda):
+    def copy(x, *args):
+        return on_cuda(x, *args) if on_cuda is not None and x.is_cuda else on_cpu(x, *args)
+
+    return copy
 
 
 def enable_cpu_moe() -> None:
-    """Make OLMo-core's MoE kernels run on the CPU (Triton interpreter, one autotune config each).
+    """Let OLMo-core's MoE run on CPU tensors: its token copies of any tensor not on CUDA take the functions here.
 
-    Raises ``RuntimeError`` if ``triton`` is missing, or if OLMo-core's kernels were already
-    imported compiled (then the interpreter cannot take over in this process).
+    Raises ``ImportError`` if OLMo-core is not installed (the ``[olmo-core]`` extra).
     """
-    if _KERNELS not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    import olmo_core  # noqa: F401  (its absence is the [olmo-core] extra's error, not Triton's)
+    import olmo_core.ops.moe as ops
 
-    try:
-        import olmo_core.kernels.moe as kernels
-        from triton.runtime.autotuner import Autotuner
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError as error:
-        raise RuntimeError(
-            f"OLMo-core's MoE on a CPU needs the 'triton' package ({error}); `pip install triton` "
-            "(Linux), or run on a CUDA GPU"
-        ) from None
-    import triton.language
-
-    autotuned = [value for value in vars(kernels).values() if isinstance(value, Autotuner)]
-    interpreted = [kernel.fn for kernel in autotuned] + [triton.language.cdiv]  # cdiv: one the kernels call
-    if not all(isinstance(function, InterpretedFunction) for function in interpreted):
-        raise RuntimeError(
-            f"{_KERNELS} or triton.language was imported before enable_cpu_moe() (or without TRITON_INTERPRET=1); "
-            "call it first in the process, or set TRITON_INTERPRET=1 in the environment"
-        )
-    for kernel in autotuned:
-        # The interpreter cannot benchmark; any one config computes the same result.
-        kernel.configs = kernel.configs[:1]
+    if getattr(ops.kernels, "cpu_moe", False):
+        return
+    triton_kernels = ops.kernels  # None where triton is not installed
+    ops.kernels = SimpleNamespace(cpu_moe=True, **{
+        name: _token_copy(on_cpu, getattr(triton_kernels, name, None)) for name, on_cpu in _ON_CPU.items()})

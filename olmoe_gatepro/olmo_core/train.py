@@ -301,8 +301,8 @@ def train(run: RunConfig) -> str:
     Before anything is built: the data paths are checked, a rerun's config against the recorded
     one (``check_rerun``), and a finished run returns at once. Rank 0 writes the resolved config
     to ``save_folder/run_config.json`` (what ``convert`` reads). Without CUDA it trains on the CPU
-    with gloo and Triton's interpreter (see ``olmo_core_cpu``): slow, meant for tiny configs and
-    tests. Raises ``InterruptedRun`` when the run stopped before its end, after saving a checkpoint
+    with gloo, OLMo-core's MoE token copies done by torch (``olmo_core.cpu``): meant for tiny
+    configs and tests. Raises ``InterruptedRun`` when the run stopped before its end, after saving a checkpoint
     (a signal, a ``STOP`` file in the save folder, a tracker's cancel). Rank 0 removes
     ``save_folder/train.done`` when it starts and writes it when the run reaches its end.
     """

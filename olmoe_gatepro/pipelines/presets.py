@@ -122,7 +122,7 @@ PIPELINE_PRESETS = {
         {"baseline": "olmoe-1b-7b/baseline.yaml", "gatepro": "olmoe-1b-7b/gatepro.yaml"},
         torchrun_args="--standalone --nproc-per-node=gpu",
     ),
-    # The same commands on one CPU in minutes (OLMo-core's MoE through Triton's interpreter).
+    # The same commands on one CPU in minutes (OLMo-core's MoE token copies done by torch: olmo_core/cpu.py).
     "olmo-core-tiny": PipelinePreset(
         {"baseline": "tiny-cpu/baseline.yaml", "gatepro": "tiny-cpu/gatepro.yaml"},
         torchrun_args="--standalone --nproc-per-node=1", hub_eval_data=False, eval_limit=2, local_corpus=True,

@@ -10,7 +10,7 @@ fp32, bf16 and fp16 (the bf16 near-tie case included); the patched transformers 
 routers on the device (routing equal to the reference, and at lambda = 0 gradients equal to
 stock's bit for bit); ``torch.compile(fullgraph=True)`` without graph breaks; on CUDA, no
 device-to-host synchronisation in the patched routers; a tiny OLMo-core OLMoE (its real MoE
-kernels on CUDA, Triton's interpreter on a CPU) trained with GatePro, stopped half way and
+kernels on CUDA, torch's token copies on a CPU) trained with GatePro, stopped half way and
 resumed to end bit for bit where an uninterrupted run ends, converted to a Hugging Face folder
 that stock transformers loads with OLMo-core's logits (and, without ``--quick``, a baseline
 run); and the cost, GatePro / stock,
@@ -365,11 +365,8 @@ def _olmo_core_train(work: str, name: str, tokens: str, steps: int, gatepro: boo
     config = os.path.join(work, f"{name}.json")  # JSON is YAML: the run config loader reads it
     with open(config, "w") as file:
         json.dump(_tiny_olmo_core_run(folder, tokens, steps, gatepro), file)
-    env = {**os.environ}
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
     process = subprocess.Popen([sys.executable, "-m", "olmoe_gatepro.cli", "train", config],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if kill_at is not None:
         while not Checkpointer.dir_is_checkpoint(os.path.join(folder, f"step{kill_at}")):
             if process.poll() is not None:
@@ -460,7 +457,7 @@ def run_selftest(device: str | None = None, quick: bool = False, reference: Call
     if not torch.cuda.is_available():
         from olmoe_gatepro.olmo_core.cpu import enable_cpu_moe
 
-        enable_cpu_moe()  # before anything imports OLMo-core's MoE kernels
+        enable_cpu_moe()  # OLMo-core's MoE on CPU tensors
     name = torch.cuda.get_device_name(context.device) if context.device.type == "cuda" else "CPU"
     echo(f"olmoe-gatepro selftest on {context.device} ({name}), torch {torch.__version__}"
          f"{', quick' if quick else ''}")

@@ -1,6 +1,6 @@
 """OLMo-core OLMoE checkpoint -> Hugging Face OlmoeForCausalLM, checked against OLMo-core's forward.
 
-OLMo-core's MoE runs on the CPU here through Triton's interpreter (see conftest.py).
+OLMo-core's MoE runs on the CPU here (``olmoe_gatepro.olmo_core.cpu``).
 """
 
 import json

@@ -1,6 +1,6 @@
 """OLMo-core end to end on the CPU: train baseline and GatePro with scripts/train.py, resume, convert, load.
 
-OLMo-core's MoE runs through Triton's interpreter here (see conftest.py), so the runs are tiny:
+OLMo-core's MoE runs on the CPU here (``olmo_core/cpu.py``), so the runs are tiny:
 2 sequences of 16 tokens a step. The GatePro run switches GatePro on and off mid-run (the
 hot-swap schedule); killed between the two switches (SIGKILL, a pre-emption), stopped by Ctrl-C,
 or stopped by a STOP file (``olmo_core.stop``, what the SLURM scripts do before a time limit) and
@@ -197,8 +197,8 @@ def test_every_recorded_metric_lands_in_the_metrics_file(runs):
 
 
 def test_inspect_of_a_run_folder_on_the_cpu_without_triton_interpret_set(runs, tmp_path):
-    """The CLI chooses Triton's interpreter before the Trainer's imports load triton.language
-    (it crashed: "Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    """Inspect runs OLMo-core's MoE on the CPU whatever the Trainer's imports loaded first (it crashed once
+    with "Cannot call @triton.jit'd outside of the scope of a kernel", when the CPU path was Triton's interpreter)."""
     root, _, _ = runs
     if torch.cuda.is_available():
         pytest.skip("with CUDA the compiled kernels run")
