@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from olmoe_gatepro.core.checks import check_bool, check_int, check_number
 
-__all__ = ["GateProConfig", "GateProRunConfig", "DEFAULT_PENALTIES", "check_run_config"]
+__all__ = ["GateProConfig", "GateProRunConfig", "DEFAULT_PENALTIES", "METRICS_FILE", "check_run_config"]
+
+METRICS_FILE = "gatepro_metrics.jsonl"  # the training callbacks' file of ``router_state.finish_step`` records, one a line
 
 # The lambdas at which ``inspect`` measures boundary margins and flip rates: the paper's, then decades up to 1.
 DEFAULT_PENALTIES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")

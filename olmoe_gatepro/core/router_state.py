@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from olmoe_gatepro.core.checks import check_bool, check_int, type_name
-from olmoe_gatepro.core.config import GateProConfig, GateProRunConfig
+from olmoe_gatepro.core.config import METRICS_FILE, GateProConfig, GateProRunConfig
 from olmoe_gatepro.core.gatepro import competition_partners, penalise_losers
 from olmoe_gatepro.core.metrics import (
     boundary_margins,
@@ -54,7 +54,6 @@ __all__ = [
     "settings_to_apply",
 ]
 
-METRICS_FILE = "gatepro_metrics.jsonl"  # the training callbacks' file of ``finish_step`` records, one a line
 SETTINGS_ATTR = "_gatepro"
 PARTNERS_ATTR = "_gatepro_partners"
 RECORD_ATTR = "_gatepro_record"

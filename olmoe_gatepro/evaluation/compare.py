@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from olmoe_gatepro.core.router_state import METRICS_FILE
+from olmoe_gatepro.core.config import METRICS_FILE
 from olmoe_gatepro.evaluation import paired_stats
 from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, load_samples
 from olmoe_gatepro.jsonl import read_records, write_text_atomically

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from olmoe_gatepro.core.config import GateProConfig
-from olmoe_gatepro.core.router_state import METRICS_FILE
+from olmoe_gatepro.core.config import METRICS_FILE
 from olmoe_gatepro.evaluation.compare import compare
 from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource, inspect_models, summary_markdown, write_report
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
