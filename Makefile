@@ -21,12 +21,13 @@ smoke: $(INSTALLED)
 	$(BIN)/olmoe-gatepro reproduce
 
 test: $(INSTALLED)
-	# Two workers (the CI machine has two cores); a file's tests stay together (module fixtures).
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	# Two workers (the CI machine has two cores), one thread each, so that they do not fight over the
+	# cores (about 9% faster here); a file's tests stay together (module fixtures).
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(INSTALLED)
 	# Pure logic and small models: about a minute.
-	$(BIN)/python -m pytest -n 2 tests/unit
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests/unit
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/router_overhead.py --quick
