@@ -181,11 +181,14 @@ def _check_transformers_router(context: _Context) -> tuple[str, str]:
         model(tokens)
     for hook in hooks:
         hook.remove()
-    wrong = 0
+    wrong = moved = 0
     for router, hidden, chosen in seen:
         raw = F.linear(hidden.reshape(-1, router.hidden_dim), router.weight).cpu()
         expected = context.reference(raw, router.weight.detach().cpu(), 0.05).softmax(-1).topk(router.top_k).indices
         wrong += not torch.equal(chosen.cpu().sort(-1).values, expected.sort(-1).values)
+        moved += not torch.equal(raw.topk(router.top_k).indices.sort(-1).values, expected.sort(-1).values)
+    if not moved:  # else routing equal to the reference would say nothing about the patch
+        return "FAIL", "the penalty moves no choice on these inputs: the check cannot tell a patched router from stock"
     stock = _loss_and_grads(_tiny_olmoe(3).to(context.device).train(), tokens)
     patched_model = _tiny_olmoe(3).to(context.device).train()
     patch_transformers(model=patched_model, penalty=0.0)
@@ -217,6 +220,8 @@ def _check_olmo_core_router(context: _Context) -> tuple[str, str]:
         raw = F.linear(x.float(), patched.weight.detach().view(8, 16)).cpu()
         expected = context.reference(raw, patched.weight.detach().view(8, 16).cpu(), 0.3).softmax(-1).topk(2).indices
         routes = torch.equal(indices.cpu().sort(-1).values, expected.sort(-1).values)
+        if torch.equal(raw.topk(2).indices.sort(-1).values, expected.sort(-1).values):
+            return "FAIL", "the penalty moves no choice on these inputs: the check cannot tell a patched router from stock"
         patch_olmo_core(model=torch.nn.ModuleList([patched]), penalty=0.0)
         grads = []
         for router in (stock, patched):

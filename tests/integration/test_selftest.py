@@ -41,6 +41,19 @@ def test_a_check_made_to_fail_reports_fail():
     assert format_report(results).splitlines()[-1].startswith("verdict: FAIL (GatePro math, transformers router)")
 
 
+def test_router_checks_fail_when_their_inputs_cannot_tell_a_patch_from_stock(monkeypatch):
+    """A patch that does nothing, checked against a reference that penalises nothing, must not pass."""
+    import olmoe_gatepro.olmo_core.patch as olmo_core_patch
+    import olmoe_gatepro.transformers.patch as transformers_patch
+
+    monkeypatch.setattr(transformers_patch, "patch_transformers", lambda **_: None)
+    monkeypatch.setattr(olmo_core_patch, "patch_olmo_core", lambda **_: None)
+    results = run_selftest(quick=True, reference=lambda logits, weight, penalty: logits,
+                           only=("transformers router", "OLMo-core router"), echo=lambda _: None)
+    assert [r.status for r in results] == ["FAIL", "FAIL"]
+    assert all("the penalty moves no choice on these inputs" in r.figure for r in results)
+
+
 def test_the_command_exits_non_zero_on_a_failed_check(monkeypatch, capsys):
     monkeypatch.setattr(reference_module, "reference_gatepro", _wrong_reference)
     assert main(["selftest", "--quick", "--only", "GatePro math"]) == 1
