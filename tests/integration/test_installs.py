@@ -76,20 +76,56 @@ def test_the_installed_wheel_runs_every_preset_and_lists_its_configs(installed, 
     assert unknown.returncode == 2 and "did you mean olmoe-1b-7b/gatepro?" in unknown.stderr
 
 
-BLOCKER = """
-import sys
-BLOCKED = {blocked!r}
-for name in BLOCKED:
-    sys.modules[name] = None  # as if not installed: import raises ModuleNotFoundError, find_spec gives None
-"""
-EXTRAS_MODULES = ("olmo_core", "lm_eval", "datasets", "matplotlib", "scipy", "accelerate", "olmo_eval", "triton",
-                  "torchmetrics")
+def _distribution_closure(requirements: list[str]) -> list:
+    """The installed distributions that ``requirements`` (Requires-Dist lines) need, recursively, extras left out."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    found, queue = {}, list(requirements)
+    while queue:
+        requirement = Requirement(queue.pop())
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = requirement.name.lower().replace("_", "-")
+        if name not in found:
+            found[name] = importlib.metadata.distribution(name)
+            queue += found[name].requires or []
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def core_only(installed, tmp_path_factory):
+    """A virtual environment holding the wheel and its required distributions alone (this venv's copies, linked)."""
+    wheel, _ = installed
+    env = tmp_path_factory.mktemp("core-only") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    python = env / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        requirements = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
+                        if line.startswith("Requires-Dist:")]
+    for distribution in _distribution_closure(requirements):
+        for top in {Path(str(file)).parts[0] for file in distribution.files or () if not str(file).startswith("..")}:
+            source = Path(distribution.locate_file(top))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True)
+    return python
+
+
 CORE_USE = """
+import importlib.util
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 import olmoe_gatepro
 from olmoe_gatepro import GateProConfig, patch_transformers, unpatch_transformers
 
+missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+assert missing == list(EXTRAS), f"installed in the core-only environment: {sorted(set(EXTRAS) - set(missing))}"
 torch.manual_seed(0)
 model = OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=2, num_experts=8,
@@ -103,36 +139,39 @@ with torch.no_grad():
     restored = model(tokens).logits
 assert not torch.equal(stock, penalised), "GatePro changed nothing"
 assert torch.equal(stock, restored), "unpatching did not restore stock routing"
-loaded = sorted(name for name in BLOCKED if sys.modules.get(name) is not None)
-assert not loaded, loaded
-print("core ok")
+print("core ok", olmoe_gatepro.__file__)
+"""
+EXTRAS_MODULES = ("olmo_core", "lm_eval", "datasets", "matplotlib", "scipy", "accelerate", "olmo_eval", "triton",
+                  "torchmetrics")
+
+
+def test_the_core_works_without_any_extra(core_only, tmp_path):
+    code = f"EXTRAS = {EXTRAS_MODULES!r}\n" + CORE_USE
+    done = subprocess.run([core_only, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "core ok" in done.stdout, done.stderr
+    assert Path(done.stdout.split()[-1]).is_relative_to(core_only.parents[1])  # the wheel's copy, not the checkout
+
+
+MODEL = """
+import sys
+from transformers import OlmoeConfig, OlmoeForCausalLM
+OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)).save_pretrained(sys.argv[1])
 """
 
 
-def test_the_core_works_without_any_extra(tmp_path):
-    code = BLOCKER.format(blocked=set(EXTRAS_MODULES)) + CORE_USE
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0 and "core ok" in done.stdout, done.stderr
-
-
-@pytest.mark.parametrize("blocked, argv, install", [
-    ("olmo_core", ["train", "tiny-test", "--train.save_folder=run", "--data.paths=[tokens.npy]"],
-     "pip install 'olmoe-gatepro[olmo-core]'"),
-    ("lm_eval", ["eval", "MODEL", "--label", "x", "--out", "out", "--device", "cpu"], "pip install 'olmoe-gatepro[eval]'"),
-    ("accelerate", ["smoke", "--steps", "1", "--out", "smoke"], "pip install 'olmoe-gatepro[train]'"),
+@pytest.mark.parametrize("argv, install", [
+    (["train", "tiny-test", "--train.save_folder=run", "--data.paths=[tokens.npy]"], "pip install 'olmoe-gatepro[olmo-core]'"),
+    (["eval", "MODEL", "--label", "x", "--out", "out", "--device", "cpu"], "pip install 'olmoe-gatepro[eval]'"),
+    (["smoke", "--steps", "1", "--out", "smoke"], "pip install 'olmoe-gatepro[train]'"),
 ])
-def test_a_missing_extra_is_one_line_naming_what_to_install(tmp_path, blocked, argv, install):
-    model = tmp_path / "MODEL"
+def test_a_missing_extra_is_one_line_naming_what_to_install(core_only, tmp_path, argv, install):
     if "MODEL" in argv:
-        subprocess.run([sys.executable, "-c", CORE_USE.split("torch.manual_seed(0)")[0] + f"""
-torch.manual_seed(0)
-OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)).save_pretrained({str(model)!r})
-"""], check=True, capture_output=True)
+        subprocess.run([core_only, "-c", MODEL, str(tmp_path / "MODEL")], check=True, capture_output=True)
     (tmp_path / "tokens.npy").write_bytes(bytes(64))  # the data check passes: the run gets as far as OLMo-core
-    argv = [str(model) if item == "MODEL" else item for item in argv]
-    code = BLOCKER.format(blocked={blocked}) + "from olmoe_gatepro.cli import main\nsys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    argv = [str(tmp_path / "MODEL") if item == "MODEL" else item for item in argv]
+    done = subprocess.run([core_only, "-m", "olmoe_gatepro.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert install in lines[-1] and len([line for line in lines if "error:" in line]) == 1, done.stderr
