@@ -158,14 +158,8 @@ def _tiny_olmoe(seed: int, experts: int = 8):
     return build_tiny_olmoe(config)
 
 
-def _loss_and_grads(model, tokens):
-    model.zero_grad(set_to_none=True)
-    output = model(input_ids=tokens, labels=tokens, output_router_logits=True)
-    output.loss.backward()
-    return [output.loss.detach(), output.aux_loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-
 def _check_transformers_router(context: _Context) -> tuple[str, str]:
+    from olmoe_gatepro.transformers.conformance import choice_mismatches, loss_and_grads, record_routing, step_differences
     from olmoe_gatepro.transformers.patch import olmoe_routers, patch_transformers
 
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1)).to(context.device)
@@ -173,26 +167,15 @@ def _check_transformers_router(context: _Context) -> tuple[str, str]:
     with torch.no_grad():
         for router in olmoe_routers(model):
             router.weight.normal_(0, 0.5)  # wider than the init, so the penalty moves choices
-    patch_transformers(model=model, penalty=0.05)
-    seen = []
-    hooks = [router.register_forward_hook(lambda module, args, out: seen.append((module, args[0], out[2])))
-             for router in olmoe_routers(model)]
-    with torch.no_grad():
-        model(tokens)
-    for hook in hooks:
-        hook.remove()
-    wrong = moved = 0
-    for router, hidden, chosen in seen:
-        raw = F.linear(hidden.reshape(-1, router.hidden_dim), router.weight).cpu()
-        expected = context.reference(raw, router.weight.detach().cpu(), 0.05).softmax(-1).topk(router.top_k).indices
-        wrong += not torch.equal(chosen.cpu().sort(-1).values, expected.sort(-1).values)
-        moved += not torch.equal(raw.topk(router.top_k).indices.sort(-1).values, expected.sort(-1).values)
+    patch_transformers(model=model, penalty=0.5)  # at 0.05 no choice of these tokens moves
+    seen, _ = record_routing(model, tokens)
+    wrong, moved = choice_mismatches(seen, 0.5, context.reference)
     if not moved:  # else routing equal to the reference would say nothing about the patch
         return "FAIL", "the penalty moves no choice on these inputs: the check cannot tell a patched router from stock"
-    stock = _loss_and_grads(_tiny_olmoe(3).to(context.device).train(), tokens)
+    stock = loss_and_grads(_tiny_olmoe(3).to(context.device).train(), tokens)
     patched_model = _tiny_olmoe(3).to(context.device).train()
     patch_transformers(model=patched_model, penalty=0.0)
-    same = all(torch.equal(a, b) for a, b in zip(stock, _loss_and_grads(patched_model, tokens)))
+    same = not step_differences(stock, loss_and_grads(patched_model, tokens))
     if wrong or not same:
         return "FAIL", f"{wrong} of {len(seen)} layers route unlike the reference; gradients at lambda 0 " \
                        f"{'equal' if same else 'differ from'} stock"
@@ -200,13 +183,9 @@ def _check_transformers_router(context: _Context) -> tuple[str, str]:
 
 
 def _olmo_core_router(seed: int, device):
-    from olmo_core.nn.moe.router import MoELinearRouter
+    from olmoe_gatepro.olmo_core.conformance import linear_router
 
-    torch.manual_seed(seed)
-    router = MoELinearRouter(d_model=16, num_experts=8, top_k=2, lb_loss_weight=0.01, z_loss_weight=0.001)
-    with torch.no_grad():
-        router.weight.normal_(0, 0.5)
-    return router.to(device).train()
+    return linear_router(seed).to(device)
 
 
 def _check_olmo_core_router(context: _Context) -> tuple[str, str]:

@@ -10,10 +10,10 @@ from olmo_core.nn.moe.v2.router import MoERouterV2
 
 from olmoe_gatepro import patch_olmo_core, set_gatepro, unpatch
 from olmoe_gatepro.core.reference import reference_gatepro
+from olmoe_gatepro.olmo_core.conformance import LB_LOSS_WEIGHT, Z_LOSS_WEIGHT, linear_router
 
 D_MODEL, EXPERTS, TOP_K = 16, 8, 2
 PENALTY = 0.3
-LB_WEIGHT, Z_WEIGHT = 0.01, 0.001
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +24,7 @@ def always_unpatch():
 
 
 def _router(seed=0, cls=MoELinearRouter):
-    torch.manual_seed(seed)
-    router = cls(d_model=D_MODEL, num_experts=EXPERTS, top_k=TOP_K, lb_loss_weight=LB_WEIGHT, z_loss_weight=Z_WEIGHT)
-    with torch.no_grad():  # a wider init than 0.02, so the penalty moves some choices
-        router.weight.normal_(0, 0.5)
-    return router.train()
+    return linear_router(seed, d_model=D_MODEL, num_experts=EXPERTS, top_k=TOP_K, router_class=cls)
 
 
 def _inputs(seed=1):
@@ -60,7 +56,7 @@ def _reference(router, x, upstream, penalty):
         num_experts=EXPERTS, top_k=TOP_K, expert_scores=scores, batch_size_per_expert=counts,
         batched_batch_size_per_expert=batched, granularity=MoELoadBalancingLossGranularity.local_batch,
     )
-    aux = LB_WEIGHT * lb + Z_WEIGHT * router_z_loss(expert_logits=penalised)
+    aux = LB_LOSS_WEIGHT * lb + Z_LOSS_WEIGHT * router_z_loss(expert_logits=penalised)
     ((weights * upstream).sum() + aux).backward()
     return weights.detach(), indices, counts, aux.detach(), x.grad, weight.grad, logits
 
@@ -167,7 +163,7 @@ def test_fsdp_sharded_router_routes_exactly_as_unsharded(tmp_path):
 
 def test_a_single_expert_router_works_under_the_class_patch():
     torch.manual_seed(0)
-    router = MoELinearRouter(d_model=D_MODEL, num_experts=1, top_k=1, lb_loss_weight=LB_WEIGHT, z_loss_weight=Z_WEIGHT)
+    router = MoELinearRouter(d_model=D_MODEL, num_experts=1, top_k=1, lb_loss_weight=LB_LOSS_WEIGHT, z_loss_weight=Z_LOSS_WEIGHT)
     x = torch.randn(2, 5, D_MODEL)
     expected = router(x)
     patch_olmo_core(penalty=PENALTY)  # class-wide: GatePro has no competitor to compare here

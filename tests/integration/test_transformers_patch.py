@@ -10,6 +10,7 @@ from olmoe_gatepro import gatepro_settings, patch_transformers, set_gatepro, unp
 from olmoe_gatepro.pipelines.presets import TinyRunConfig
 from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe
 from olmoe_gatepro import refresh_partners
+from olmoe_gatepro.transformers.conformance import loss_and_grads, record_routing, step_differences
 from olmoe_gatepro.transformers.patch import olmoe_routers
 from olmoe_gatepro.core.reference import reference_gatepro
 
@@ -34,24 +35,10 @@ def _model(seed=0, dtype=torch.float32):
     return build_tiny_olmoe(dataclasses.replace(TINY, seed=seed)).to(dtype).eval()
 
 
-def _record_routing(model, input_ids, **kwargs):
-    """Per layer: router input (T, d), router outputs; and the model's output."""
-    seen = []
-    hooks = [
-        router.register_forward_hook(lambda m, args, out: seen.append((args[0].reshape(-1, m.hidden_dim), out)))
-        for router in olmoe_routers(model)
-    ]
-    with torch.no_grad():
-        output = model(input_ids=input_ids, **kwargs)
-    for hook in hooks:
-        hook.remove()
-    return seen, output
-
-
 def _assert_routes_with_gatepro(model, penalty):
-    seen, _ = _record_routing(model, _tokens())
+    seen, _ = record_routing(model, _tokens())
     flipped = 0
-    for router, (hidden, (logits, weights, chosen)) in zip(olmoe_routers(model), seen):
+    for router, hidden, (logits, weights, chosen) in seen:
         raw = torch.nn.functional.linear(hidden, router.weight)
         expected = reference_gatepro(raw, router.weight, penalty)
         torch.testing.assert_close(logits, expected, rtol=0, atol=0)
@@ -76,28 +63,28 @@ def test_instance_patch_touches_only_that_model():
     _assert_routes_with_gatepro(patched, PENALTY)
     fresh = _model(seed=3)
     torch.testing.assert_close(
-        _record_routing(untouched, _tokens())[1].logits, _record_routing(fresh, _tokens())[1].logits, rtol=0, atol=0
+        record_routing(untouched, _tokens())[1].logits, record_routing(fresh, _tokens())[1].logits, rtol=0, atol=0
     )
 
 
 def test_patching_twice_is_harmless_and_unpatch_restores_stock_exactly():
-    stock_logits = _record_routing(_model(), _tokens())[1].logits
+    stock_logits = record_routing(_model(), _tokens())[1].logits
     model = _model()
     patch_transformers(penalty=PENALTY)
     patch_transformers(penalty=PENALTY)
     patch_transformers(model=model, penalty=PENALTY)
     _assert_routes_with_gatepro(model, PENALTY)
-    assert not torch.equal(_record_routing(model, _tokens())[1].logits, stock_logits)
+    assert not torch.equal(record_routing(model, _tokens())[1].logits, stock_logits)
     unpatch()
-    assert torch.equal(_record_routing(model, _tokens())[1].logits, stock_logits)
-    assert torch.equal(_record_routing(_model(), _tokens())[1].logits, stock_logits)
+    assert torch.equal(record_routing(model, _tokens())[1].logits, stock_logits)
+    assert torch.equal(record_routing(_model(), _tokens())[1].logits, stock_logits)
     router_class = type(olmoe_routers(model)[0])
     assert "_gatepro" not in router_class.__dict__ and not hasattr(olmoe_routers(model)[0], "_gatepro")
 
 
 def test_hot_swap_on_a_live_model_changes_no_state():
     model = _model()
-    stock_logits = _record_routing(_model(), _tokens())[1].logits
+    stock_logits = record_routing(_model(), _tokens())[1].logits
     patch_transformers(model=model, penalty=PENALTY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(input_ids=_tokens(), labels=_tokens()).loss.backward()
@@ -107,11 +94,11 @@ def test_hot_swap_on_a_live_model_changes_no_state():
     optim_before = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state_dict()["state"].items()}
 
     set_gatepro(model, enabled=False)
-    stock_after_step = _record_routing(model, _tokens())[1].logits
+    stock_after_step = record_routing(model, _tokens())[1].logits
     set_gatepro(model, enabled=True)
     _assert_routes_with_gatepro(model, PENALTY)
     with gatepro_settings(model, enabled=False):
-        assert torch.equal(_record_routing(model, _tokens())[1].logits, stock_after_step)
+        assert torch.equal(record_routing(model, _tokens())[1].logits, stock_after_step)
     _assert_routes_with_gatepro(model, PENALTY)
     with gatepro_settings(model, penalty=2 * PENALTY):
         _assert_routes_with_gatepro(model, 2 * PENALTY)
@@ -141,9 +128,9 @@ def test_unknown_setting_is_rejected_by_name():
 def test_recorded_router_logits_agree_with_chosen_experts():
     model = _model()
     patch_transformers(model=model, penalty=PENALTY)
-    seen, output = _record_routing(model, _tokens(), output_router_logits=True)
+    seen, output = record_routing(model, _tokens(), output_router_logits=True)
     assert len(output.router_logits) == TINY.n_layers
-    for recorded, (_, (_, _, chosen)) in zip(output.router_logits, seen):
+    for recorded, (_, _, (_, _, chosen)) in zip(output.router_logits, seen):
         assert recorded.dtype == torch.float32
         assert torch.equal(torch.softmax(recorded, -1).topk(TINY.top_k, -1).indices, chosen)
     assert output.aux_loss is not None and torch.isfinite(output.aux_loss)
@@ -152,8 +139,8 @@ def test_recorded_router_logits_agree_with_chosen_experts():
 def test_bf16_model_routes_in_float32():
     model = _model(dtype=torch.bfloat16)
     patch_transformers(model=model, penalty=1e-4)
-    seen, output = _record_routing(model, _tokens())
-    for router, (hidden, (logits, weights, chosen)) in zip(olmoe_routers(model), seen):
+    seen, output = record_routing(model, _tokens())
+    for router, hidden, (logits, weights, chosen) in seen:
         assert logits.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16  # stock's dtypes
         raw = torch.nn.functional.linear(hidden, router.weight)
         penalised = reference_gatepro(raw, router.weight, 1e-4)  # float32: 1e-4 survives
@@ -212,7 +199,7 @@ def test_checkpoint_saved_with_gatepro_loads_in_a_process_without_the_plugin(tmp
     input_ids = _tokens(seed=9)
     torch.save(input_ids, tmp_path / "input_ids.pt")
     unpatch()
-    expected = _record_routing(model, input_ids)[1].logits
+    expected = record_routing(model, input_ids)[1].logits
     torch.save(expected, tmp_path / "expected.pt")
     script = f"""
 import sys, torch
@@ -232,34 +219,23 @@ print("loaded", sum(p.numel() for p in model.parameters()))
 
 def test_unpatch_after_class_patch_and_hot_swap_leaves_no_gatepro_state():
     model = _model()
-    stock_logits = _record_routing(_model(), _tokens())[1].logits
+    stock_logits = record_routing(_model(), _tokens())[1].logits
     patch_transformers(penalty=PENALTY)
     set_gatepro(model, penalty=2 * PENALTY)
     _assert_routes_with_gatepro(model, 2 * PENALTY)
     unpatch()
     assert all(not hasattr(router, "_gatepro") for router in olmoe_routers(model))
-    assert torch.equal(_record_routing(model, _tokens())[1].logits, stock_logits)
-
-
-def _loss_and_grads(model, input_ids):
-    """Language-model loss, auxiliary loss and every parameter's gradient of one training step."""
-    model.zero_grad(set_to_none=True)
-    output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
-    output.loss.backward()
-    return output.loss.detach(), output.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(record_routing(model, _tokens())[1].logits, stock_logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_penalty_zero_is_stock_bit_for_bit(dtype):
     """With GatePro on at lambda = 0, loss, aux loss and gradients are stock's exactly, in every dtype."""
     tokens = _tokens(seed=5)
-    stock = _loss_and_grads(_model(seed=4, dtype=dtype).train(), tokens)
+    stock = loss_and_grads(_model(seed=4, dtype=dtype).train(), tokens)
     patched_model = _model(seed=4, dtype=dtype).train()
     patch_transformers(model=patched_model, penalty=0.0)
-    patched = _loss_and_grads(patched_model, tokens)
-    assert torch.equal(stock[0], patched[0]) and torch.equal(stock[1], patched[1])
-    for name, grad in stock[2].items():
-        assert grad.dtype == patched[2][name].dtype and torch.equal(grad, patched[2][name]), name
+    assert step_differences(stock, loss_and_grads(patched_model, tokens)) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
