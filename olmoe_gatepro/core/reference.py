@@ -8,6 +8,16 @@ import math
 
 import torch
 
+# A bfloat16 near-tie that only a penalty applied in float32 decides (near 1.0, bf16 values are 2^-7
+# apart, so 1 - 1e-4 rounds back to 1): experts 0 and 2 tie exactly for the second slot behind
+# expert 1. In the first case expert 0's partner is expert 1, in the second expert 2's, so at
+# lambda = 1e-4 expert 0, then expert 2, loses. Each case: (router weight (4, 2), the top-2 set chosen).
+BF16_NEAR_TIE_LOGITS = ((1.0078125, 1.015625, 1.0078125, 0.5),)  # (1, 4)
+BF16_NEAR_TIE_CASES = (
+    (((1.0, 0.0), (0.99, 0.1), (0.0, 1.0), (0.1, 0.99)), {1, 2}),
+    (((0.1, 0.99), (0.99, 0.1), (1.0, 0.0), (0.0, 1.0)), {0, 1}),
+)
+
 
 def reference_partners(router_weight: torch.Tensor) -> list[int]:
     """j*(i) = argmax_{j != i} S_ij (Eq. 5-6), first index on ties, in float64 loops."""

@@ -122,6 +122,7 @@ def _check_environment(context: _Context) -> tuple[str, str]:
 
 def _check_math(context: _Context) -> tuple[str, str]:
     from olmoe_gatepro.core.gatepro import gatepro_logits
+    from olmoe_gatepro.core.reference import BF16_NEAR_TIE_CASES, BF16_NEAR_TIE_LOGITS
 
     generator = torch.Generator().manual_seed(0)
     mismatches = []
@@ -132,10 +133,9 @@ def _check_math(context: _Context) -> tuple[str, str]:
         actual = gatepro_logits(logits.to(context.device), weight.to(context.device), 0.05).cpu()
         if actual.dtype != torch.float32 or not torch.equal(actual, expected):
             mismatches.append(str(dtype).removeprefix("torch."))
-    # bf16 near-tie: experts 0 and 2 tie exactly for the second slot; lambda = 1e-4 decides it in float32
-    tie = torch.tensor([[1.0078125, 1.015625, 1.0078125, 0.5]], dtype=torch.bfloat16)
+    tie = torch.tensor(BF16_NEAR_TIE_LOGITS, dtype=torch.bfloat16)
     changed = 0
-    for weight in ([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]], [[0.1, 0.99], [0.99, 0.1], [1.0, 0.0], [0.0, 1.0]]):
+    for weight, _ in BF16_NEAR_TIE_CASES:
         weight = torch.tensor(weight, dtype=torch.bfloat16)
         chosen = set(gatepro_logits(tie.to(context.device), weight.to(context.device), 1e-4).topk(2).indices[0].tolist())
         expected_set = set(context.reference(tie, weight, 1e-4).topk(2).indices[0].tolist())
