@@ -182,17 +182,12 @@ def _check_transformers_router(context: _Context) -> tuple[str, str]:
     return "PASS", f"{len(seen)} layers route as the reference; loss, aux loss and gradients at lambda 0 equal stock's"
 
 
-def _olmo_core_router(seed: int, device):
-    from olmoe_gatepro.olmo_core.conformance import linear_router
-
-    return linear_router(seed).to(device)
-
-
 def _check_olmo_core_router(context: _Context) -> tuple[str, str]:
+    from olmoe_gatepro.olmo_core.conformance import linear_router
     from olmoe_gatepro.olmo_core.patch import patch_olmo_core, unpatch_olmo_core
 
     x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(2)).to(context.device)
-    stock, patched = _olmo_core_router(0, context.device), _olmo_core_router(0, context.device)
+    stock, patched = linear_router(0).to(context.device), linear_router(0).to(context.device)
     patch_olmo_core(model=torch.nn.ModuleList([patched]), penalty=0.3)
     try:
         _, indices, _, _ = patched(x)
@@ -238,9 +233,10 @@ def _check_compile(context: _Context) -> tuple[str, str]:
 def _check_host_syncs(context: _Context) -> tuple[str, str]:
     if context.device.type != "cuda":
         return "SKIP", "no CUDA device: device-to-host synchronisations are a GPU matter"
+    from olmoe_gatepro.olmo_core.conformance import linear_router
     from olmoe_gatepro.olmo_core.patch import patch_olmo_core, unpatch_olmo_core
 
-    router = _olmo_core_router(0, context.device)
+    router = linear_router(0).to(context.device)
     patch_olmo_core(model=torch.nn.ModuleList([router]), penalty=1e-4)
     x = torch.randn(2, 64, 16, device=context.device, requires_grad=True)
     router(x)  # first call outside the check: lazy initialisation may sync once
