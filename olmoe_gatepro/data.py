@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from olmoe_gatepro.interrupts import interruptible_job, quiet_idle_worker
 from olmoe_gatepro.jsonl import atomic_file, read_text, write_error
 
 __all__ = ["tokenizer_file", "load_tokenizer", "byte_tokenizer", "hf_tokenizer", "iter_documents", "document_token_ids", "read_token_file",
@@ -353,12 +354,20 @@ def write_token_files(
         first = len(manifest["shards"])
         named = [{"path": f"part-{first + k:05d}.npy", "unit": unit, "documents": shard["documents"],
                   "tokens": shard["tokens"], "sha256": shard["sha256"]} for k, shard in enumerate(shards)]
-        for shard, record in reversed(list(zip(shards, named))):
-            os.replace(shard["partial"], os.path.join(out_dir, record["path"]))
-        manifest["shards"] += named
-        manifest["done"].append({"unit": unit, "inputs": {str(i): _input_state(inputs[i]) for i in units[unit]}})
-        manifest["complete"] = len(manifest["done"]) == len(units)
-        write_text_atomically(os.path.join(out_dir, MANIFEST_FILE), json.dumps(manifest, indent=1))
+        recorded = {**manifest, "shards": manifest["shards"] + named, "done": manifest["done"] + [
+            {"unit": unit, "inputs": {str(i): _input_state(inputs[i]) for i in units[unit]}}]}
+        recorded["complete"] = len(recorded["done"]) == len(units)
+        try:
+            for shard, record in reversed(list(zip(shards, named))):
+                os.replace(shard["partial"], os.path.join(out_dir, record["path"]))
+            write_text_atomically(os.path.join(out_dir, MANIFEST_FILE), json.dumps(recorded, indent=1))
+        except BaseException:  # a full disk, Ctrl-C: the unit is not recorded, so none of its shards stays
+            for shard, record in zip(shards, named):
+                for path in (shard["partial"], os.path.join(out_dir, record["path"])):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            raise
+        manifest.update(recorded)
         bar.update(sum(sizes[i] for i in units[unit]))
 
     def job(unit: int) -> tuple:
@@ -371,15 +380,16 @@ def write_token_files(
         else:
             import multiprocessing
 
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=quiet_idle_worker) as pool:
                 ahead = 2 * workers  # units in flight: bounds the unnamed shards on disk
-                futures = {unit: pool.submit(_tokenise_unit, *job(unit)) for unit in todo[:ahead]}
+                futures = {unit: pool.submit(interruptible_job, _tokenise_unit, *job(unit)) for unit in todo[:ahead]}
                 try:
                     for position, unit in enumerate(todo):
                         shards = futures.pop(unit).result()  # in input order: a unit is named after all before it
                         if position + ahead < len(todo):
                             later = todo[position + ahead]
-                            futures[later] = pool.submit(_tokenise_unit, *job(later))
+                            futures[later] = pool.submit(interruptible_job, _tokenise_unit, *job(later))
                         finish(unit, shards)
                 except BaseException:  # a unit failed, or naming one did: no unit after it leaves a shard
                     for pending in futures.values():

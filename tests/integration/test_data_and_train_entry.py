@@ -270,3 +270,32 @@ def test_packaged_tokenizer_identifiers_load_without_the_hub():
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|padding|>")
     with pytest.raises(ValueError, match="ships no such file; it ships .*allenai_gpt-neox-olmo-dolma-v1_5.json"):
         tokenizer_file("tokenizers/gpt2.json")
+
+
+def test_a_manifest_write_that_fails_leaves_its_unit_unnamed_and_the_rerun_finishes(tmp_path, monkeypatch):
+    """The disk fills after a unit's shards were named but before the manifest recorded them: the unit's named
+    shards go (the folder holds only recorded units), and the rerun redoes it and writes the clean run's files."""
+    import olmoe_gatepro.jsonl as jsonl
+    from olmoe_gatepro.jsonl import FileWriteError
+
+    inputs, _ = _many_inputs(tmp_path)
+    clean = write_token_files(inputs, str(tmp_path / "clean"), tokens_per_file=200)
+    out = tmp_path / "cut"
+    real, writes = jsonl.write_text_atomically, []
+
+    def second_write_fails(path, text):
+        writes.append(path)
+        if len(writes) == 2:
+            raise FileWriteError(f"{path}: cannot write: the disk is full; nothing half-written was left")
+        real(path, text)
+
+    monkeypatch.setattr(jsonl, "write_text_atomically", second_write_fails)
+    with pytest.raises(FileWriteError):
+        write_token_files(inputs, str(out), tokens_per_file=200)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["done"]) == 1 and set(_files(out)) == {shard["path"] for shard in manifest["shards"]}
+    assert not list(out.glob("*.partial"))
+    monkeypatch.setattr(jsonl, "write_text_atomically", real)
+    assert [os.path.basename(path) for path in write_token_files(inputs, str(out), tokens_per_file=200)] == \
+        [os.path.basename(path) for path in clean]
+    assert _files(out) == _files(tmp_path / "clean")
