@@ -6,6 +6,11 @@ printed and the program goes on. Inside ``remembered_interrupts()`` a SIGINT rai
 and is also remembered (a swallowed one is not printed), and long loops call
 ``raise_if_interrupted()`` at their safe points (a training step, a finished run), so a
 swallowed Ctrl-C is raised again there.
+
+In a process pool's worker (``initializer=quiet_idle_worker``, jobs run as
+``interruptible_job(function, ...)``) a Ctrl-C to the process group stops the job under way, and
+one that finds the worker idle, waiting for a job, is kept for the next job instead of ending the
+worker with a traceback; once interrupted, a worker starts no further job.
 """
 
 import contextlib
@@ -13,7 +18,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["remembered_interrupts", "raise_if_interrupted"]
+__all__ = ["remembered_interrupts", "raise_if_interrupted", "quiet_idle_worker", "interruptible_job"]
 
 _interrupted = threading.Event()
 
@@ -54,3 +59,30 @@ def raise_if_interrupted() -> None:
     """Raise ``KeyboardInterrupt`` if a SIGINT arrived inside ``remembered_interrupts()``."""
     if _interrupted.is_set():
         raise KeyboardInterrupt
+
+
+_worker_interrupted = False  # in a pool worker: a Ctrl-C arrived, so no further job starts
+
+
+def _keep_for_the_next_job(signum, frame) -> None:
+    global _worker_interrupted
+    _worker_interrupted = True
+
+
+def quiet_idle_worker() -> None:
+    """A process pool's ``initializer``: a SIGINT while the worker waits for a job is kept, not raised."""
+    signal.signal(signal.SIGINT, _keep_for_the_next_job)
+
+
+def interruptible_job(function, *args):
+    """``function(*args)`` in a pool worker: a Ctrl-C raises ``KeyboardInterrupt`` in it (never swallowed),
+    and one that came before, while the worker was idle or in an earlier job, raises before it starts."""
+    global _worker_interrupted
+    if _worker_interrupted:
+        raise KeyboardInterrupt
+    try:
+        with remembered_interrupts():
+            return function(*args)
+    except KeyboardInterrupt:
+        _worker_interrupted = True
+        raise

@@ -34,7 +34,7 @@ from olmoe_gatepro.evaluation.inspect_routing import ModelToInspect, TextSource,
 from olmoe_gatepro.evaluation.learning_curves import curves_from_records, write_learning_curves
 from olmoe_gatepro.evaluation.lm_eval_suite import evaluate
 from olmoe_gatepro.evaluation.results import RESULT_FILE, write_evaluation
-from olmoe_gatepro.interrupts import remembered_interrupts
+from olmoe_gatepro.interrupts import interruptible_job, quiet_idle_worker
 from olmoe_gatepro.jsonl import keep_settings, read_json, read_records, rewrite_records, write_text_atomically
 from olmoe_gatepro.pipelines.presets import REPRODUCE_PRESETS, ReproducePreset, TinyRunConfig
 from olmoe_gatepro.pipelines.run_folder import ROUTING_FOLDER, run_folder_lock
@@ -102,30 +102,14 @@ def _in_workers(function, jobs: list[tuple], workers: int) -> None:
             print(function(*job), flush=True)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_interruptible, function, *job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=quiet_idle_worker) as pool:
+        futures = [pool.submit(interruptible_job, function, *job) for job in jobs]
         try:
             for future in as_completed(futures):
                 print(future.result(), flush=True)
         except KeyboardInterrupt:  # the workers got the Ctrl-C too: their jobs stop at the next step
             pool.shutdown(cancel_futures=True)
             raise
-
-
-_worker_interrupted = False  # in a worker process: a Ctrl-C arrived, so the jobs queued to it do not start
-
-
-def _interruptible(function, *job):
-    """``function(*job)`` in a worker, where a Ctrl-C that Python swallowed is raised again at the next step."""
-    global _worker_interrupted
-    if _worker_interrupted:
-        raise KeyboardInterrupt
-    try:
-        with remembered_interrupts():
-            return function(*job)
-    except KeyboardInterrupt:
-        _worker_interrupted = True
-        raise
 
 
 def reproduce(preset_name: str, out_dir: str, workers: int | None = None) -> str:

@@ -68,3 +68,35 @@ def test_ctrl_c_ends_smoke_with_130_and_nothing_written(tmp_path):
                                            log)
     assert code == 130 and "olmoe-gatepro smoke: interrupted" in output and "Traceback" not in output, output[-3000:]
     assert "[gatepro]" not in output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet_idle_worker", "python's own handler"])
+def test_a_ctrl_c_to_idle_pool_workers_is_kept_for_their_next_job(capfd, quiet):
+    """Ctrl-C goes to the whole process group, idle workers too. With ``quiet_idle_worker`` an idle worker stays
+    up, prints nothing and raises the interrupt in its next job; with Python's handler it dies with a traceback
+    (what a reproduce run printed when one worker had finished its last job while the other still trained)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from olmoe_gatepro.interrupts import interruptible_job, quiet_idle_worker
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_idle_worker if quiet else None) as pool:
+        for started in [pool.submit(interruptible_job, time.sleep, 0.5) for _ in range(2)]:
+            started.result()  # two processes (the second job found the first one busy), both idle now
+        workers = list(pool._processes)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        try:
+            jobs = [pool.submit(interruptible_job, os.getpid) for _ in range(2)]
+            outcomes = [type(job.exception(timeout=60)) for job in jobs]
+        except BrokenProcessPool:  # the dead workers were noticed before the jobs were taken
+            outcomes = [BrokenProcessPool]
+    printed = capfd.readouterr().err
+    if quiet:
+        assert outcomes == [KeyboardInterrupt, KeyboardInterrupt] and "Traceback" not in printed, printed
+    else:
+        assert BrokenProcessPool in outcomes and "KeyboardInterrupt" in printed
