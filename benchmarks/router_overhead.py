@@ -11,15 +11,15 @@ line is ``overhead_ratio=<ratio at d=2048, N=64, 16K tokens, best mode on this d
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import time
 
 import torch
-from olmo_core.nn.moe.router import MoELinearRouter
-from torch import nn
 
-from olmoe_gatepro import competition_partners, patch_olmo_core
+from olmoe_gatepro import competition_partners
+from olmoe_gatepro.olmo_core.conformance import forward_backward, timed_router_pair
 from olmoe_gatepro.pipelines.selftest import interleaved_seconds
 
 HEADLINE = (2048, 64, 16384)  # d_model, experts, tokens
@@ -28,29 +28,6 @@ HEADLINE = (2048, 64, 16384)  # d_model, experts, tokens
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def build_pair(d_model: int, num_experts: int, top_k: int, device: torch.device):
-    """(stock, gatepro) routers with the same weights; GatePro at the paper's lambda."""
-    routers = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        router = MoELinearRouter(
-            d_model=d_model, num_experts=num_experts, top_k=top_k, lb_loss_weight=0.01, z_loss_weight=0.001
-        )
-        routers.append(router.to(device).train())
-    patch_olmo_core(model=nn.ModuleList([routers[1]]), penalty=1e-4)
-    return routers
-
-
-def step_fn(router: nn.Module):
-    """Forward and backward of ``router`` on x (B, S, d); the loss stands in for the experts."""
-
-    def step(x: torch.Tensor) -> None:
-        weights, _, _, aux_loss = router(x)
-        (weights.sum() + aux_loss).backward()
-
-    return step
 
 
 def time_partner_table(weight: torch.Tensor, device: torch.device, repeats: int) -> float:
@@ -74,11 +51,11 @@ def run(args) -> float | None:
     print(f"{'mode':<8}{'d':>6}{'N':>5}{'tokens':>8}{'stock ms':>11}{'gatepro ms':>12}{'ratio':>8}{'partners ms':>13}")
     results = {}
     for num_experts in args.experts:
-        stock, gatepro = build_pair(args.d_model, num_experts, args.top_k, device)
+        stock, gatepro = timed_router_pair(args.d_model, num_experts, args.top_k, device)
         partner_ms = 1e3 * time_partner_table(stock.weight.detach().view(num_experts, -1), device, args.repeats)
         for mode in modes:
             for tokens in args.tokens:
-                steps = [step_fn(stock), step_fn(gatepro)]
+                steps = [functools.partial(forward_backward, router) for router in (stock, gatepro)]
                 if mode == "compile":
                     # Both steps share one code object: a fresh Dynamo cache per shape keeps
                     # their compiled graphs from competing for its recompile limit.

@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["LB_LOSS_WEIGHT", "Z_LOSS_WEIGHT", "linear_router"]
+__all__ = ["LB_LOSS_WEIGHT", "Z_LOSS_WEIGHT", "linear_router", "timed_router_pair", "forward_backward"]
 
 LB_LOSS_WEIGHT, Z_LOSS_WEIGHT = 0.01, 0.001
 
@@ -18,3 +18,25 @@ def linear_router(seed: int, *, d_model: int = 16, num_experts: int = 8, top_k: 
     with torch.no_grad():
         router.weight.normal_(0, 0.5)
     return router.train()
+
+
+def timed_router_pair(d_model: int, num_experts: int, top_k: int, device: torch.device, penalty: float = 1e-4):
+    """(stock, gatepro): training-mode ``MoELinearRouter``s with the same default-initialised weights (seed 0), the
+    second patched (this instance only) at ``penalty``; what ``selftest`` and the overhead benchmark time."""
+    from olmo_core.nn.moe.router import MoELinearRouter
+
+    from olmoe_gatepro.olmo_core.patch import patch_olmo_core
+
+    routers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        routers.append(MoELinearRouter(d_model=d_model, num_experts=num_experts, top_k=top_k,
+                                       lb_loss_weight=LB_LOSS_WEIGHT, z_loss_weight=Z_LOSS_WEIGHT).to(device).train())
+    patch_olmo_core(model=torch.nn.ModuleList([routers[1]]), penalty=penalty)
+    return routers[0], routers[1]
+
+
+def forward_backward(router, x: torch.Tensor) -> None:
+    """Forward and backward of ``router`` on ``x`` (B, S, d); the summed weights stand in for the experts."""
+    weights, _, _, aux_loss = router(x)
+    (weights.sum() + aux_loss).backward()

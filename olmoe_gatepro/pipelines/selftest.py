@@ -22,6 +22,7 @@ far off (``FAR_OFF``).
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -254,29 +255,17 @@ def _check_host_syncs(context: _Context) -> tuple[str, str]:
 
 
 def _check_router_overhead(context: _Context) -> tuple[str, str]:
-    from olmo_core.nn.moe.router import MoELinearRouter
-
-    from olmoe_gatepro.olmo_core.patch import patch_olmo_core, unpatch_olmo_core
+    from olmoe_gatepro.olmo_core.conformance import forward_backward, timed_router_pair
+    from olmoe_gatepro.olmo_core.patch import unpatch_olmo_core
 
     d_model, experts, top_k = OLMOE_ROUTER
     tokens = 2048 if context.quick else 16384
     dtype = torch.bfloat16 if context.device.type == "cuda" else torch.float32
-    routers = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        routers.append(MoELinearRouter(d_model=d_model, num_experts=experts, top_k=top_k, lb_loss_weight=0.01,
-                                       z_loss_weight=0.001).to(context.device).train())
-    patch_olmo_core(model=torch.nn.ModuleList([routers[1]]), penalty=1e-4)
+    routers = timed_router_pair(d_model, experts, top_k, context.device)
     x = torch.randn(1, tokens, d_model, device=context.device, dtype=dtype, requires_grad=True)
-
-    def step(router):
-        def run():
-            weights, _, _, aux_loss = router(x)
-            (weights.sum() + aux_loss).backward()
-        return run
-
     try:
-        stock, gatepro = interleaved_seconds([step(r) for r in routers], context.device, 5 if context.quick else 15)
+        stock, gatepro = interleaved_seconds([functools.partial(forward_backward, router, x) for router in routers],
+                                             context.device, 5 if context.quick else 15)
     finally:
         unpatch_olmo_core(torch.nn.ModuleList([routers[1]]))
     ratio = statistics.median(gatepro) / statistics.median(stock)
