@@ -1,4 +1,4 @@
-"""Expert-diversity metrics of the GatePro paper (Appendix C) and the routing counts the tallies sum.
+"""Expert-diversity metrics of the GatePro paper (Appendix C) and the routing tally built on the counts.
 
 Similarity metrics take a router weight W of shape (N, d) and use S, the cosine similarity
 of its rows, in float64 (they are diagnostics, not on the hot path). Load metrics take the
@@ -26,6 +26,7 @@ __all__ = [
     "partner_coactivation_chance",
     "coactivation_matrix",
     "boundary_margins",
+    "RoutingTally",
 ]
 
 
@@ -123,3 +124,45 @@ def boundary_margins(logits: torch.Tensor, top_k: int) -> torch.Tensor:
         return torch.full(logits.shape[:-1], float("inf"), dtype=torch.float32, device=logits.device)
     values = logits.detach().float().topk(top_k + 1, dim=-1).values
     return values[..., top_k - 1] - values[..., top_k]
+
+
+class RoutingTally:
+    """One router's routing, counted over batches: what the training callbacks record and ``inspect`` reports.
+
+    ``counts`` (N + 2 + 2P,) float64 on ``device``: tokens per chosen expert (N), routed tokens,
+    partner hits, then for each of the P ``penalties`` the tokens whose top-k set that penalty
+    changes and the tokens whose boundary margin is below it. ``add`` only adds tensors (no host
+    sync, no graph break); ``counts`` can be all-reduced over ranks before ``rates``.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, penalties: tuple[float, ...], device: torch.device | str = "cpu"):
+        self.num_experts, self.top_k, self.penalties = num_experts, top_k, tuple(penalties)
+        self.counts = torch.zeros(num_experts + 2 + 2 * len(self.penalties), dtype=torch.float64, device=device)
+
+    def add(self, chosen: torch.Tensor, partners: torch.Tensor, margins: torch.Tensor,
+            changed: list[torch.Tensor]) -> None:
+        """One batch: ``chosen`` (T, k) experts, ``partners`` (N,) the pairs scored, ``margins`` (T,)
+        ``boundary_margins``, ``changed`` one (T,) bool per penalty (``topk_set_changed``)."""
+        n, counts = self.num_experts, self.counts
+        counts[:n] += tokens_per_expert(chosen, n).to(counts.dtype)
+        counts[n] += chosen.shape[0]
+        counts[n + 1] += partner_hits(chosen, partners).to(counts.dtype)
+        for index, (penalty, flipped) in enumerate(zip(self.penalties, changed, strict=True)):
+            counts[n + 2 + 2 * index] += flipped.sum().to(counts.dtype)
+            counts[n + 3 + 2 * index] += (margins.double() < penalty).sum().to(counts.dtype)  # lambda as given
+
+    def rates(self) -> dict:
+        """Load metrics; ``routed_tokens``; ``partner_coactivation`` (hits over token-expert pairs) beside
+        ``partner_coactivation_chance``; ``flip_rates`` and ``margins_below``, one fraction of tokens per penalty."""
+        n = self.num_experts
+        counted = self.counts.tolist()
+        tokens = counted[n]
+        share = (lambda count: count / tokens) if tokens else (lambda count: float("nan"))
+        return {
+            **load_metrics(self.counts[:n]),
+            "routed_tokens": int(tokens),
+            "partner_coactivation": counted[n + 1] / (tokens * self.top_k) if tokens else float("nan"),
+            "partner_coactivation_chance": partner_coactivation_chance(n, self.top_k),
+            "flip_rates": [share(count) for count in counted[n + 2::2]],
+            "margins_below": [share(count) for count in counted[n + 3::2]],
+        }

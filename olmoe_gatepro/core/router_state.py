@@ -18,15 +18,7 @@ from torch.distributed.tensor import DTensor
 from olmoe_gatepro.core.checks import check_bool, check_int, type_name
 from olmoe_gatepro.core.config import METRICS_FILE, GateProConfig, GateProRunConfig
 from olmoe_gatepro.core.gatepro import competition_partners, penalise_losers
-from olmoe_gatepro.core.metrics import (
-    boundary_margins,
-    load_metrics,
-    partner_coactivation_chance,
-    partner_hits,
-    router_weight_metrics,
-    tokens_per_expert,
-    topk_set_changed,
-)
+from olmoe_gatepro.core.metrics import RoutingTally, boundary_margins, router_weight_metrics, topk_set_changed
 
 __all__ = [
     "METRICS_FILE",
@@ -57,8 +49,6 @@ __all__ = [
 SETTINGS_ATTR = "_gatepro"
 PARTNERS_ATTR = "_gatepro_partners"
 RECORD_ATTR = "_gatepro_record"
-# Positions in a recording tally after its N tokens-per-expert counts.
-TALLY_FLIPPED, TALLY_TOKENS, TALLY_PARTNER_HITS, TALLY_MARGIN_BELOW = range(4)
 _with_instance_state: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -89,7 +79,7 @@ def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """The logits the router should route with: penalised (float32) when its GatePro is enabled.
 
     A router with a single expert has no competitor and routes unchanged. While a recording
-    tensor is attached (``start_recording``), also accumulates, without any host sync, tokens
+    tally is attached (``start_recording``), also accumulates, without any host sync, tokens
     per chosen expert, how many tokens' top-k set the penalty changes, partner co-activations
     and boundary margins below lambda.
     """
@@ -103,25 +93,19 @@ def route(router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return routed
 
 
-def _record_routing(router, record, logits, routed, enabled) -> None:
-    num_experts, top_k = router.num_experts, router.top_k
+def _record_routing(router, tally: RoutingTally, logits, routed, enabled) -> None:
+    top_k = router.top_k
     plain = logits.topk(top_k, dim=-1).indices.reshape(-1, top_k)
     penalised = (routed if enabled else penalised_logits(router, logits)).topk(top_k, dim=-1).indices
     penalised = penalised.reshape(-1, top_k)
-    chosen = penalised if enabled else plain
-    partners = competition_partners(router_weight_matrix(router))
-    margins = boundary_margins(logits, top_k)
-    record[:num_experts] += tokens_per_expert(chosen, num_experts).to(record.dtype)
-    tally = record[num_experts:]
-    tally[TALLY_FLIPPED] += topk_set_changed(plain, penalised).sum().to(record.dtype)
-    tally[TALLY_TOKENS] += chosen.shape[0]
-    tally[TALLY_PARTNER_HITS] += partner_hits(chosen, partners).to(record.dtype)
-    tally[TALLY_MARGIN_BELOW] += (margins < getattr(router, SETTINGS_ATTR).penalty).sum().to(record.dtype)
+    tally.add(penalised if enabled else plain, competition_partners(router_weight_matrix(router)),
+              boundary_margins(logits, top_k).reshape(-1), [topk_set_changed(plain, penalised)])
 
 
 def start_recording(router: nn.Module) -> None:
-    """Attach a zeroed (N + 4,) float64 tally: tokens per expert, then the ``TALLY_*`` counts."""
-    router.__dict__[RECORD_ATTR] = torch.zeros(router.num_experts + 4, dtype=torch.float64, device=router.weight.device)
+    """Attach a zeroed ``RoutingTally`` at the router's lambda, on its device, for ``route`` to add to."""
+    router.__dict__[RECORD_ATTR] = RoutingTally(router.num_experts, router.top_k, (getattr(router, SETTINGS_ATTR).penalty,),
+                                                device=router.weight.device)
 
 
 def is_recording(router: nn.Module) -> bool:
@@ -129,30 +113,23 @@ def is_recording(router: nn.Module) -> bool:
     return RECORD_ATTR in router.__dict__
 
 
-def stop_recording(router: nn.Module) -> torch.Tensor | None:
+def stop_recording(router: nn.Module) -> RoutingTally | None:
     """Detach and return the tally of ``start_recording`` (None if none was attached)."""
     return router.__dict__.pop(RECORD_ATTR, None)
 
 
-def tally_metrics(router: nn.Module, tally: torch.Tensor) -> dict[str, float | int]:
+def tally_metrics(tally: RoutingTally) -> dict[str, float | int]:
     """Per-layer routing metrics of a ``stop_recording`` tally (summed over ranks, if any).
 
     ``margin_below_penalty``: fraction of tokens whose top-k boundary margin is below the
     router's lambda (only those can change their choice); ``partner_coactivation`` beside its
     uniformly random top-k level ``partner_coactivation_chance``.
     """
-    num_experts, top_k = router.num_experts, router.top_k
-    counts, counted = tally[:num_experts], tally[num_experts:].tolist()
-    tokens = counted[TALLY_TOKENS]
-    share = (lambda count: count / tokens) if tokens else (lambda count: float("nan"))
-    return {
-        **load_metrics(counts),
-        "flip_rate": share(counted[TALLY_FLIPPED]),
-        "partner_coactivation": share(counted[TALLY_PARTNER_HITS] / top_k),
-        "partner_coactivation_chance": partner_coactivation_chance(num_experts, top_k),
-        "margin_below_penalty": share(counted[TALLY_MARGIN_BELOW]),
-        "routed_tokens": int(tokens),
-    }
+    rates = tally.rates()
+    load = {key: rates[key] for key in ("zero_token_count", "load_imbalance", "load_entropy")}
+    return {**load, "flip_rate": rates["flip_rates"][0], "partner_coactivation": rates["partner_coactivation"],
+            "partner_coactivation_chance": rates["partner_coactivation_chance"],
+            "margin_below_penalty": rates["margins_below"][0], "routed_tokens": rates["routed_tokens"]}
 
 
 def finish_recording(router: nn.Module) -> dict[str, float | int]:
@@ -162,8 +139,8 @@ def finish_recording(router: nn.Module) -> dict[str, float | int]:
     """
     tally = stop_recording(router)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tally)
-    return {**tally_metrics(router, tally), **router_weight_metrics(router_weight_matrix(router))}
+        torch.distributed.all_reduce(tally.counts)
+    return {**tally_metrics(tally), **router_weight_metrics(router_weight_matrix(router))}
 
 
 def begin_step(model: nn.Module, *, enabled: bool, step: int, record: bool) -> None:

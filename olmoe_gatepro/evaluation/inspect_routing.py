@@ -138,7 +138,8 @@ def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: in
 
 
 class _LayerTally:
-    """Accumulates one router's routing over batches (on the host, float64 / int64)."""
+    """One router's routing over batches: a ``RoutingTally`` at every lambda inspected, with the N x N
+    co-activation counts and every boundary margin (on the host, int64 / float32)."""
 
     def __init__(self, router, penalties: dict[str, float], gatepro: GateProConfig, scored_partners=None):
         self.weight = router.weight.detach().float().reshape(router.num_experts, -1)
@@ -148,28 +149,25 @@ class _LayerTally:
         # the pairs partner co-activation is scored on: this router's own, or (given) another model's
         self.scored_partners = self.partners if scored_partners is None else torch.tensor(scored_partners)
         self.rule_partners = competition_partners(self.weight, gatepro.num_competitors)
+        self.tally = metrics.RoutingTally(self.num_experts, self.top_k, tuple(penalties.values()))
         self.coactivation = torch.zeros(self.num_experts, self.num_experts, dtype=torch.int64)
-        self.hits = 0
-        self.flipped = dict.fromkeys(penalties, 0)
         self.margins: list[torch.Tensor] = []
 
     def add(self, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
         """``hidden`` (T, d) the router's input, ``chosen`` (T, k) the experts it chose."""
         logits = F.linear(hidden.reshape(-1, self.weight.shape[1]), self.weight.to(hidden.dtype)).float()
         chosen = chosen.reshape(-1, self.top_k)
-        self.coactivation += metrics.coactivation_matrix(chosen, self.num_experts).cpu()
-        self.hits += metrics.partner_hits(chosen, self.scored_partners.to(chosen.device)).item()
-        self.margins.append(metrics.boundary_margins(logits, self.top_k).cpu())
+        margins = metrics.boundary_margins(logits, self.top_k)
         stock = logits.topk(self.top_k, dim=-1).indices
-        for key, penalty in self.penalties.items():
-            penalised = gatepro_logits(logits, None, penalty, partners=self.rule_partners.to(logits.device),
-                                       hard=self.gatepro.hard)
-            changed = metrics.topk_set_changed(stock, penalised.topk(self.top_k, dim=-1).indices)
-            self.flipped[key] += int(changed.sum().item())
+        changed = [metrics.topk_set_changed(stock, gatepro_logits(
+            logits, None, penalty, partners=self.rule_partners.to(logits.device), hard=self.gatepro.hard,
+        ).topk(self.top_k, dim=-1).indices) for penalty in self.penalties.values()]
+        self.tally.add(chosen.cpu(), self.scored_partners, margins.cpu(), [flipped.cpu() for flipped in changed])
+        self.coactivation += metrics.coactivation_matrix(chosen, self.num_experts).cpu()
+        self.margins.append(margins.cpu())
 
     def summary(self, layer: int) -> dict:
-        counts = self.coactivation.diagonal().double()
-        tokens = int(counts.sum().item()) // self.top_k
+        rates = self.tally.rates()
         margins = torch.cat(self.margins).double()
         finite = margins[margins.isfinite()]
         # numpy: torch.quantile refuses more than 2^24 values
@@ -177,13 +175,13 @@ class _LayerTally:
                      for name, q in QUANTILES.items()}
         return {
             "layer": layer,
-            "expert_tokens": [int(count) for count in counts.tolist()],
-            **metrics.load_metrics(counts),
-            "partner_coactivation": self.hits / (tokens * self.top_k),
-            "partner_coactivation_chance": metrics.partner_coactivation_chance(self.num_experts, self.top_k),
+            "expert_tokens": [int(count) for count in self.tally.counts[: self.num_experts].tolist()],
+            **{key: rates[key] for key in ("zero_token_count", "load_imbalance", "load_entropy")},
+            "partner_coactivation": rates["partner_coactivation"],
+            "partner_coactivation_chance": rates["partner_coactivation_chance"],
             "boundary_margin_quantiles": quantiles,
-            "margin_below": {key: (margins < penalty).double().mean().item() for key, penalty in self.penalties.items()},
-            "flip_rate": {key: count / tokens for key, count in self.flipped.items()},
+            "margin_below": dict(zip(self.penalties, rates["margins_below"], strict=True)),
+            "flip_rate": dict(zip(self.penalties, rates["flip_rates"], strict=True)),
             **metrics.router_weight_metrics(self.weight),
             "partners": self.partners.tolist(),
             "coactivation_matrix": self.coactivation.tolist(),

@@ -114,3 +114,37 @@ def test_transformers_router_recording_matches_the_plain_loop_reference(enabled)
     assert got["flip_rate"] == pytest.approx(reference_flip_rate(logits, weight, 3, 0.05))
     assert (got["zero_token_count"], got["load_imbalance"]) == pytest.approx(reference_load(chosen, 8))
     assert 0 < got["margin_below_penalty"] < 1 and got["partner_coactivation"] > 0 and got["flip_rate"] > 0
+
+
+def test_routing_tally_at_several_penalties_matches_the_plain_loop_references_and_sums_over_ranks():
+    """One ``RoutingTally`` (what the callbacks record and inspect reports) at two lambdas, fed in two batches,
+    against the plain-loop references; two tallies' counts added (an all-reduce) give the one tally's rates."""
+    from olmoe_gatepro.core.gatepro import competition_partners
+    from olmoe_gatepro.core.reference import reference_margin_fraction, reference_partner_coactivation
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(8, 16, generator=generator)
+    logits = torch.randn(60, 16, generator=generator) @ weight.T
+    penalties, top_k = (0.5, 2.0), 3  # the logits spread about 4 wide
+    partners = competition_partners(weight)
+    chosen = logits.topk(top_k, dim=-1).indices
+
+    def feed(tally, rows):
+        stock = logits[rows].topk(top_k, dim=-1).indices
+        changed = [metrics.topk_set_changed(stock, gatepro_logits(logits[rows], weight, p).topk(top_k, dim=-1).indices)
+                   for p in penalties]
+        tally.add(chosen[rows], partners, metrics.boundary_margins(logits[rows], top_k), changed)
+
+    whole, ranks = metrics.RoutingTally(8, top_k, penalties), [metrics.RoutingTally(8, top_k, penalties) for _ in range(2)]
+    for rows, rank in ((slice(0, 25), ranks[0]), (slice(25, 60), ranks[1])):
+        feed(whole, rows)
+        feed(rank, rows)
+    got = whole.rates()
+    assert got["routed_tokens"] == 60
+    assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, weight))
+    assert (got["zero_token_count"], got["load_imbalance"]) == pytest.approx(reference_load(chosen, 8))
+    assert got["flip_rates"] == pytest.approx([reference_flip_rate(logits, weight, top_k, p) for p in penalties])
+    assert got["margins_below"] == pytest.approx([reference_margin_fraction(logits, top_k, p) for p in penalties])
+    assert got["flip_rates"][0] < got["flip_rates"][1] and 0 < got["margins_below"][0] < got["margins_below"][1]
+    ranks[0].counts += ranks[1].counts
+    assert ranks[0].rates() == got
