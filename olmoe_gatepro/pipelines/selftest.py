@@ -122,29 +122,9 @@ def _check_environment(context: _Context) -> tuple[str, str]:
 
 
 def _check_math(context: _Context) -> tuple[str, str]:
-    from olmoe_gatepro.core.gatepro import gatepro_logits
-    from olmoe_gatepro.core.reference import BF16_NEAR_TIE_CASES, BF16_NEAR_TIE_LOGITS
+    from olmoe_gatepro.core.conformance import math_mismatches
 
-    generator = torch.Generator().manual_seed(0)
-    mismatches = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        logits = torch.randn(128, 16, generator=generator).to(dtype)
-        weight = torch.randn(16, 32, generator=generator).to(dtype)
-        expected = context.reference(logits, weight, 0.05)
-        actual = gatepro_logits(logits.to(context.device), weight.to(context.device), 0.05).cpu()
-        if actual.dtype != torch.float32 or not torch.equal(actual, expected):
-            mismatches.append(str(dtype).removeprefix("torch."))
-    tie = torch.tensor(BF16_NEAR_TIE_LOGITS, dtype=torch.bfloat16)
-    changed = 0
-    for weight, _ in BF16_NEAR_TIE_CASES:
-        weight = torch.tensor(weight, dtype=torch.bfloat16)
-        chosen = set(gatepro_logits(tie.to(context.device), weight.to(context.device), 1e-4).topk(2).indices[0].tolist())
-        expected_set = set(context.reference(tie, weight, 1e-4).topk(2).indices[0].tolist())
-        if chosen != expected_set:
-            mismatches.append("bf16 near-tie")
-        changed += chosen != set(tie.float().topk(2).indices[0].tolist())
-    if not changed:
-        mismatches.append("bf16 near-tie: lambda = 1e-4 changed no choice")
+    mismatches = math_mismatches(context.device, context.reference)
     if mismatches:
         return "FAIL", f"differs from the reference: {', '.join(mismatches)}"
     return "PASS", "fp32, bf16, fp16 equal to the reference bit for bit; bf16 near-tie decided by lambda = 1e-4"

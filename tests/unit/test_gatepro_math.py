@@ -5,14 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from olmoe_gatepro import competition_partners, gatepro_logits
+from olmoe_gatepro.core.conformance import math_mismatches
+from olmoe_gatepro.core.conformance import random_case as _random_case
 from olmoe_gatepro.core.reference import reference_gatepro, reference_partners
-
-
-def _random_case(seed, num_experts=8, dim=16, tokens=32, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(num_experts, dim, generator=generator)
-    logits = torch.randn(tokens, num_experts, generator=generator)
-    return logits.to(dtype), weight.to(dtype)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -69,15 +64,23 @@ def test_duplicate_rows_tie_to_lowest_index():
     assert competition_partners(weight).tolist() == [1, 0, 0, 0] == reference_partners(weight)
 
 
+def test_every_dtype_and_the_bf16_near_tie_conform_to_the_reference():
+    """selftest's math check (core/conformance.py): float32 out, equal to the reference bit for bit in
+    float32, bfloat16 and float16, the near-tie decided at lambda 1e-4; and it reports a wrong reference."""
+    def doubled(logits, weight, penalty):
+        return reference_gatepro(logits, weight, 2 * penalty)
+
+    assert math_mismatches("cpu") == []
+    assert math_mismatches("cpu", doubled) == ["float32", "bfloat16", "float16"]
+    assert math_mismatches("cpu", lambda logits, weight, penalty: logits.float())[-1] == "bf16 near-tie"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_are_compared_and_penalised_in_float32(dtype):
+def test_low_precision_inputs_keep_a_penalty_that_would_round_away(dtype):
     logits, weight = _random_case(7, dtype=dtype)
-    out = gatepro_logits(logits, weight, penalty=1e-4)
-    assert out.dtype == torch.float32
     expected = reference_gatepro(logits.float(), weight.float(), 1e-4)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    losers = expected != logits.float()
-    assert losers.any()  # the 1e-4 penalty survives: it would round away in bf16/fp16
+    torch.testing.assert_close(gatepro_logits(logits, weight, penalty=1e-4), expected, rtol=0, atol=0)
+    assert (expected != logits.float()).any()  # the 1e-4 penalty survives: it would round away in bf16/fp16
 
 
 def test_bf16_near_tie_penalty_changes_the_chosen_expert():
