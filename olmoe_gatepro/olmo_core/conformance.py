@@ -1,8 +1,13 @@
-"""OLMo-core routers to check GatePro on, shared by ``selftest`` and the tests."""
+"""OLMo-core routers and runs to check GatePro on, shared by ``selftest`` and the tests."""
+
+import os
+import subprocess
+import time
 
 import torch
 
-__all__ = ["LB_LOSS_WEIGHT", "Z_LOSS_WEIGHT", "linear_router", "timed_router_pair", "forward_backward"]
+__all__ = ["LB_LOSS_WEIGHT", "Z_LOSS_WEIGHT", "linear_router", "timed_router_pair", "forward_backward",
+           "kill_after_checkpoint"]
 
 LB_LOSS_WEIGHT, Z_LOSS_WEIGHT = 0.01, 0.001
 
@@ -40,3 +45,21 @@ def forward_backward(router, x: torch.Tensor) -> None:
     """Forward and backward of ``router`` on ``x`` (B, S, d); the summed weights stand in for the experts."""
     weights, _, _, aux_loss = router(x)
     (weights.sum() + aux_loss).backward()
+
+
+def kill_after_checkpoint(command: list[str], save_folder: str, step: int, timeout: float = 900) -> None:
+    """Start the training ``command`` and SIGKILL it once its checkpoint of ``step`` in ``save_folder`` is
+    complete, as a pre-emption would; a RuntimeError if it ends before, or ``timeout`` seconds pass."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not Checkpointer.dir_is_checkpoint(os.path.join(save_folder, f"step{step}")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command[-2:])}: the run ended or ran out of time before its "
+                                   f"step-{step} checkpoint")
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()

@@ -308,25 +308,19 @@ def _tiny_olmo_core_run(folder: str, tokens: str, steps: int, gatepro: bool) -> 
 def _olmo_core_train(work: str, name: str, tokens: str, steps: int, gatepro: bool, kill_at: int | None = None) -> str:
     """Train in a fresh process (as ``olmoe-gatepro train``); with ``kill_at``, SIGKILL it once that step's
     checkpoint is complete, as a pre-emption would."""
-    from olmo_core.train.checkpoint import Checkpointer
+    from olmoe_gatepro.olmo_core.conformance import kill_after_checkpoint
 
     folder = os.path.join(work, name)
     config = os.path.join(work, f"{name}.json")  # JSON is YAML: the run config loader reads it
     with open(config, "w") as file:
         json.dump(_tiny_olmo_core_run(folder, tokens, steps, gatepro), file)
-    process = subprocess.Popen([sys.executable, "-m", "olmoe_gatepro.cli", "train", config],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "olmoe_gatepro.cli", "train", config]
     if kill_at is not None:
-        while not Checkpointer.dir_is_checkpoint(os.path.join(folder, f"step{kill_at}")):
-            if process.poll() is not None:
-                raise RuntimeError(f"training {name} ended before its step-{kill_at} checkpoint")
-            time.sleep(0.05)
-        process.kill()
-        process.wait()
+        kill_after_checkpoint(command, folder, kill_at)
         return folder
-    _, stderr = process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"training {name} failed: {stderr.strip().splitlines()[-1:]}")
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"training {name} failed: {result.stderr.strip().splitlines()[-1:]}")
     return folder
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from interrupting import interrupt_once
 from olmoe_gatepro.checkpoints import complete_steps
 from olmoe_gatepro.cli import main
 from olmoe_gatepro.jsonl import read_records
+from olmoe_gatepro.olmo_core.conformance import kill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS_PER_STEP = 2 * 16
@@ -46,16 +46,7 @@ def _train(folder: Path, tokens: Path, steps: int, *overrides: str, expect: int 
 
 def _train_until_killed(folder: Path, tokens: Path, steps: int, kill_at_step: int, *overrides: str) -> None:
     """Start a run and SIGKILL it once its checkpoint of ``kill_at_step`` is complete (a pre-emption)."""
-    from olmo_core.train.checkpoint import Checkpointer
-
-    process = subprocess.Popen(_command(folder, tokens, steps, *overrides),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 900
-    while not Checkpointer.dir_is_checkpoint(str(folder / f"step{kill_at_step}")):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
-        time.sleep(0.05)
-    process.kill()
-    assert process.wait() != 0
+    kill_after_checkpoint(_command(folder, tokens, steps, *overrides), str(folder), kill_at_step)
 
 
 def _convert(folder: Path, out: Path, validate: bool = True) -> dict[str, torch.Tensor]:
