@@ -5,7 +5,7 @@ import torch
 from olmoe_gatepro.core.gatepro import gatepro_logits
 from olmoe_gatepro.core.reference import BF16_NEAR_TIE_CASES, BF16_NEAR_TIE_LOGITS, reference_gatepro
 
-__all__ = ["random_case", "math_mismatches"]
+__all__ = ["random_case", "math_mismatches", "compile_failure"]
 
 
 def random_case(seed: int, num_experts: int = 8, dim: int = 16, tokens: int = 32,
@@ -45,3 +45,18 @@ def math_mismatches(device: torch.device | str = "cpu", reference=reference_gate
     if not changed:
         mismatches.append("bf16 near-tie: lambda = 1e-4 changed no choice")
     return mismatches
+
+
+def compile_failure(device: torch.device | str = "cpu", backend: str = "inductor") -> str | None:
+    """None when ``gatepro_logits`` compiles with ``fullgraph=True`` (no graph break) and equals eager on
+    ``device``; else what went wrong, in one line."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda logits, weight: gatepro_logits(logits, weight, 0.05), fullgraph=True, backend=backend)
+    logits, weight = (tensor.to(device) for tensor in random_case(4, num_experts=16, dim=32, tokens=64))
+    try:
+        result = compiled(logits, weight)
+    except Exception as error:  # a graph break or a compiler failure: both mean no fullgraph compile here
+        return f"torch.compile(fullgraph=True) failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+    if not torch.equal(result, gatepro_logits(logits, weight, 0.05)):
+        return "compiled result differs from eager"
+    return None

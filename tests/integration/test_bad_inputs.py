@@ -13,7 +13,7 @@ import pytest
 from olmoe_gatepro.cli import main
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-TINY_CONFIG = os.path.join(CONFIGS, "tiny-test.yaml")
+TINY_CONFIG = os.path.join(CONFIGS, "tiny.yaml")
 
 
 def _snapshot(folder):
@@ -1029,7 +1029,7 @@ def test_outputs_into_a_file_or_a_read_only_folder_are_refused_first(workdir, ca
              f"--json {read_only_folder}/report.json: {read_only_folder} is not writable")
     _refused(["selftest", "--json", "a-file/report.json"], capsys, "--json a-file/report.json: not a file path")
     _refused(["train", TINY_CONFIG, f"--train.save_folder={read_only_folder}/run", "--dry-run"], capsys,
-             f"tiny-test.yaml: train.save_folder {read_only_folder}/run: cannot be created")
+             f"tiny.yaml: train.save_folder {read_only_folder}/run: cannot be created")
     _refused(["train", TINY_CONFIG, "--train.save_folder=a-file/run", "--dry-run"], capsys,
              "train.save_folder a-file/run: cannot be created")
     assert sorted(os.listdir(workdir)) == ["a-file", "read-only", "run"] and os.listdir(read_only_folder) == []

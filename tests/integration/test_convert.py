@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
     from olmoe_gatepro.olmo_core.train import build_transformer_config
 
     folder = tmp_path_factory.mktemp("olmo-core")
-    run = load_run_config(str(ROOT / "configs/tiny-test.yaml"), [*SHAPE, f"--train.save_folder={folder}"])
+    run = load_run_config(str(ROOT / "configs/tiny.yaml"), [*SHAPE, f"--train.save_folder={folder}"])
     model = _random_weights(build_transformer_config(run.model).build(init_device="cpu"))
     step_dir = folder / "step3"
     save_model_and_optim_state(str(step_dir / "model_and_optim"), model)
@@ -73,7 +73,7 @@ def saved_reordered(tmp_path_factory):
     from olmoe_gatepro.olmo_core.train import build_transformer_config
 
     folder = tmp_path_factory.mktemp("olmo-core-reordered")
-    run = load_run_config(str(ROOT / "configs/tiny-test.yaml"), [*SHAPE, "--model.block=moe_reordered_norm"])
+    run = load_run_config(str(ROOT / "configs/tiny.yaml"), [*SHAPE, "--model.block=moe_reordered_norm"])
     model_config = build_transformer_config(run.model)
     model = _random_weights(model_config.build(init_device="cpu"))
     tokenizer_file = folder / "tokenizer.json"
@@ -225,7 +225,7 @@ def test_what_no_hugging_face_class_computes_is_refused_by_its_key(case):
     from olmoe_gatepro.olmo_core.convert import hf_architecture
     from olmoe_gatepro.olmo_core.train import build_transformer_config
 
-    base = build_transformer_config(load_run_config(str(ROOT / "configs/tiny-test.yaml"), SHAPE).model)
+    base = build_transformer_config(load_run_config(str(ROOT / "configs/tiny.yaml"), SHAPE).model)
     assert hf_architecture(base) == "OlmoeForCausalLM"
     config = copy.deepcopy(base)
     edit, message = REFUSED[case]

@@ -201,14 +201,14 @@ def test_prepare_and_check_data_commands(tmp_path, capsys):
     assert main(["prepare-data", *inputs, "--out", str(tmp_path / "tokens"), "--tokens-per-file", "300",
                  "--workers", "2"]) == 0
     assert "(manifest.json lists their tokens and checksums)" in capsys.readouterr().out
-    config = ["--config", str(ROOT / "configs/tiny-test.yaml"), f"--data.paths=[{tmp_path}/tokens/*.npy]",
+    config = ["--config", str(ROOT / "configs/tiny.yaml"), f"--data.paths=[{tmp_path}/tokens/*.npy]",
               "--train.global_batch_sequences=2", "--train.micro_batch_sequences=2"]
     assert main(["check-data", *config]) == 0
     manifest = json.loads((tmp_path / "tokens/manifest.json").read_text())
     usable = sum(shard["tokens"] // 64 * 64 for shard in manifest["shards"])
     out = capsys.readouterr().out
     assert f"{len(manifest['shards'])} token file(s), {len(expected):,} tokens ({usable:,} in whole sequences), " \
-           f"{usable // 128:,} optimizer steps" in out and "epochs" in out  # tiny-test trains more steps than that
+           f"{usable // 128:,} optimizer steps" in out and "epochs" in out  # tiny trains more steps than that
     assert main(["check-data", *config, f"--data.paths=[{tmp_path}/tokens/*.npy,{tmp_path}/gone.npy]"]) == 2
     assert f"problem: {tmp_path}/gone.npy: no such file" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stopped:
@@ -221,7 +221,7 @@ def test_prepared_tokens_feed_olmo_core_data_loader(tmp_path):
     from olmoe_gatepro.olmo_core.train import build_train_components
 
     run = load_run_config(
-        str(ROOT / "configs/tiny-test.yaml"),
+        str(ROOT / "configs/tiny.yaml"),
         [f"--data.paths=[{tmp_path}/tokens/*.npy]", f"--train.save_folder={tmp_path}/run"],
     )
     parts = build_train_components(run)
@@ -253,10 +253,10 @@ def test_train_dry_run_and_script_entry_point(tmp_path):
     resolved = json.loads(result.stdout)
     assert resolved["gatepro"]["penalty"] == 1e-3 and resolved["model"]["num_experts"] == 64
     bad = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny-test.yaml"), "--model.top_k=99", "--dry-run"],
+        [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny.yaml"), "--model.top_k=99", "--dry-run"],
         capture_output=True, text=True,
     )
-    assert bad.returncode == 2 and "tiny-test.yaml with overrides" in bad.stderr and "top_k (99)" in bad.stderr
+    assert bad.returncode == 2 and "tiny.yaml with overrides" in bad.stderr and "top_k (99)" in bad.stderr
 
 
 def test_packaged_tokenizer_identifiers_load_without_the_hub():

@@ -24,7 +24,7 @@ RUN = ["--train.sequence_length=128", "--train.global_batch_sequences=1", "--tra
 
 
 def _train(folder: Path, tokens: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny-test.yaml"),
+    command = [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny.yaml"),
                f"--train.save_folder={folder}", f"--data.paths=[{tokens}/*.npy]", *RUN, *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
 
@@ -63,7 +63,7 @@ def test_in_loop_scores_land_in_the_metrics_file_at_the_interval_and_the_end(run
 
 def test_the_tracker_gets_the_run_the_config_and_every_metric(run):
     _, calls = run
-    assert calls[0]["call"] == "init" and calls[0]["project"] == "gatepro-test" and calls[0]["name"] == "olmoe-tiny-test"
+    assert calls[0]["call"] == "init" and calls[0]["project"] == "gatepro-test" and calls[0]["name"] == "olmoe-tiny"
     assert {"run", "model", "trainer"} <= set(calls[0]["config_keys"])  # the resolved config, as the saver hands it
     logged = {name for call in calls if call["call"] == "log" for name in call["metrics"]}
     assert {"train/CE loss", "eval/downstream/copa (accuracy v2)", "eval/lm/held/CE loss",

@@ -38,7 +38,7 @@ def test_the_wheel_carries_the_configs_and_the_start_up_hook(installed):
     names = zipfile.ZipFile(wheel).namelist()
     assert "olmoe_gatepro_env.pth" in names
     for config in ("olmoe-1b-7b/baseline.yaml", "olmoe-1b-7b/gatepro.yaml", "olmoe-1b-7b/table3/gatepro-500b.yaml",
-                   "tiny-cpu/gatepro.yaml", "tiny-test.yaml", "small-1gpu.yaml"):
+                   "tiny-cpu/gatepro.yaml", "tiny.yaml", "small-1gpu.yaml"):
         assert f"olmoe_gatepro/configs/{config}" in names
     assert not [name for name in names if name.startswith("tests/")]
 
@@ -161,7 +161,7 @@ OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16
 
 
 @pytest.mark.parametrize("argv, install", [
-    (["train", "tiny-test", "--train.save_folder=run", "--data.paths=[tokens.npy]"], "pip install 'olmoe-gatepro[olmo-core]'"),
+    (["train", "tiny", "--train.save_folder=run", "--data.paths=[tokens.npy]"], "pip install 'olmoe-gatepro[olmo-core]'"),
     (["eval", "MODEL", "--label", "x", "--out", "out", "--device", "cpu"], "pip install 'olmoe-gatepro[eval]'"),
     (["smoke", "--steps", "1", "--out", "smoke"], "pip install 'olmoe-gatepro[train]'"),
 ])

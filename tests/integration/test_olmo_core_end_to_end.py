@@ -33,7 +33,7 @@ SCHEDULE = [f"--gatepro.on_from_tokens={2 * TOKENS_PER_STEP}", f"--gatepro.off_a
 
 
 def _command(folder: Path, tokens: Path, steps: int, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny-test.yaml"),
+    return [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny.yaml"),
             f"--train.save_folder={folder}", f"--data.paths=[{tokens}/*.npy]",
             f"--train.max_tokens={steps * TOKENS_PER_STEP}", *SMALL, *overrides]
 

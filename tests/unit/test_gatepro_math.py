@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from olmoe_gatepro import competition_partners, gatepro_logits
-from olmoe_gatepro.core.conformance import math_mismatches
+from olmoe_gatepro.core.conformance import compile_failure, math_mismatches
 from olmoe_gatepro.core.conformance import random_case as _random_case
 from olmoe_gatepro.core.reference import reference_gatepro, reference_partners
 
@@ -207,8 +207,8 @@ def test_bad_partner_inputs():
 
 
 def test_compiles_without_graph_breaks():
+    """One graph, and selftest's compile check (core/conformance.py) passes (aot_eager: no C++ compiler needed)."""
     logits, weight = _random_case(11, tokens=16)
     explanation = torch._dynamo.explain(gatepro_logits)(logits, weight, 1e-4)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    compiled = torch.compile(gatepro_logits, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(logits, weight, 1e-4), gatepro_logits(logits, weight, 1e-4))
+    assert compile_failure("cpu", backend="aot_eager") is None

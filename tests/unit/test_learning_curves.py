@@ -11,8 +11,8 @@ from olmoe_gatepro.evaluation.learning_curves import load_run_curves, switch_tok
 from olmoe_gatepro.olmo_core.run_config import load_run_config
 from olmoe_gatepro.pipelines.checkpoint_evaluation import Checkpoint, evaluate_checkpoints, revision_checkpoints
 
-TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-test.yaml")
-TOKENS_PER_STEP = 8 * 64  # tiny-test.yaml
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+TOKENS_PER_STEP = 8 * 64  # tiny.yaml
 
 
 def _run_folder(folder: Path, overrides: list[str], lines: list[dict]) -> Path:

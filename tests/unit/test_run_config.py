@@ -7,7 +7,7 @@ from olmoe_gatepro.olmo_core.run_config import ConfigError, GateProRunConfig, lo
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
-TINY = str(CONFIGS / "tiny-test.yaml")
+TINY = str(CONFIGS / "tiny.yaml")
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -124,7 +124,7 @@ def test_callbacks_section_rejects_bad_values_naming_file_and_key(override, mess
     with pytest.raises(ConfigError) as error:
         load_run_config(TINY, overrides)
     assert message in str(error.value)
-    assert "tiny-test.yaml" in str(error.value) or f"override {override}" in str(error.value)  # where it came from
+    assert "tiny.yaml" in str(error.value) or f"override {override}" in str(error.value)  # where it came from
 
 
 @pytest.mark.parametrize("section, message", [
@@ -182,7 +182,7 @@ def test_evaluation_section_rejects_bad_values_naming_file_and_key(override, mes
     with pytest.raises(ConfigError) as error:
         load_run_config(TINY, [override])
     assert message in str(error.value)
-    assert f"tiny-test.yaml with overrides ['{override}']" in str(error.value) or f"override {override}" in str(error.value)
+    assert f"tiny.yaml with overrides ['{override}']" in str(error.value) or f"override {override}" in str(error.value)
 
 
 def test_400b_configs_evaluate_in_the_loop_as_olmoe_did():
