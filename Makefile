@@ -26,7 +26,7 @@ test: $(INSTALLED)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(INSTALLED)
-	# Pure logic and small models: about a minute.
+	# Pure logic and small models: 29 s on a 2-core CPU (docs/architecture.md).
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests/unit
 
 bench: $(INSTALLED)
