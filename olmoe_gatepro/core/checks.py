@@ -8,7 +8,7 @@ tensors' static properties live beside the math in ``core.gatepro``.
 import math
 import numbers
 
-__all__ = ["type_name", "check_bool", "check_int", "check_number"]
+__all__ = ["type_name", "check_bool", "check_int", "check_number", "refuse_renamed"]
 
 
 def type_name(value) -> str:
@@ -45,3 +45,14 @@ def check_number(where: str, value, minimum: float | None = None) -> float:
         bound = f" and >= {minimum:g}" if minimum is not None else ""
         raise ValueError(f"{where} must be finite{bound}; got {value!r}")
     return value
+
+
+RENAMED_ARGUMENTS = {"metrics_interval": "metrics_interval_steps"}  # old keyword: OLMo-core's name, now ours
+
+
+def refuse_renamed(where: str, given: dict) -> None:
+    """Refuse ``given`` keywords: a renamed one with its new name, any other as Python would (TypeError)."""
+    for name in given:
+        if name in RENAMED_ARGUMENTS:
+            raise TypeError(f"{where}: {name} is now {RENAMED_ARGUMENTS[name]} (the name OLMo-core's run configs use)")
+        raise TypeError(f"{where} got an unexpected keyword argument {name!r}")

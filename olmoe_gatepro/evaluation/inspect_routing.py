@@ -71,7 +71,7 @@ class TextSource:
     """What to route: a flat token file, text files, or (neither) the shipped benchmark items."""
 
     tokens: str | None = None
-    tokens_dtype: str = "uint16"
+    token_dtype: str = "uint16"
     texts: tuple[str, ...] = ()
     max_tokens: int = 65536
     sequence_length: int | None = None  # None: min(4096, the model's context)
@@ -124,7 +124,7 @@ def _document_tokens(source: TextSource, tokenizer) -> list[int]:
 def _windows(source: TextSource, tokenizer, vocab_size: int, sequence_length: int, label: str) -> list[torch.Tensor]:
     """The token ids cut into windows of ``sequence_length`` (the last may be shorter)."""
     if source.tokens is not None:
-        ids = torch.from_numpy(np.asarray(read_token_file(source.tokens, source.tokens_dtype, flag="--tokens")[: source.max_tokens],
+        ids = torch.from_numpy(np.asarray(read_token_file(source.tokens, source.token_dtype, flag="--tokens")[: source.max_tokens],
                                           dtype=np.int64))
         where = f"--tokens {source.tokens}"
     else:

@@ -3,7 +3,7 @@
 ``GateProCallback`` patches the trained model's routers when training starts and, before every
 step, sets GatePro on or off from the number of tokens (or steps) trained before that step, so a run
 resumed from a checkpoint is in exactly the state an uninterrupted one would be. Every
-``metrics_interval`` steps it records, per MoE layer, zero-token count, load imbalance, GatePro
+``metrics_interval_steps`` steps it records, per MoE layer, zero-token count, load imbalance, GatePro
 flip rate, partner co-activation and the fraction of tokens whose top-k boundary margin is below
 lambda (all over the whole global batch of that step) and the gate similarity metrics, via
 ``trainer.record_metric`` (so console, W&B and Comet callbacks get them) and as one JSON line in
@@ -14,14 +14,14 @@ import functools
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from olmo_core.train.callbacks import Callback, EvaluatorCallback
 
-from olmoe_gatepro.core.checks import check_int
+from olmoe_gatepro.core.checks import check_int, refuse_renamed
 from olmoe_gatepro.core.config import GateProRunConfig, check_run_config
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
@@ -38,12 +38,14 @@ class GateProCallback(Callback):
     # checkpoint is saved, so a run killed once that checkpoint is complete resumes with it.
     priority: ClassVar[int] = 2
     gatepro: GateProRunConfig = field(default_factory=GateProRunConfig)
-    metrics_interval: int = 100
+    metrics_interval_steps: int = 100
     metrics_file: str = METRICS_FILE
+    metrics_interval: InitVar[None] = None  # the old name, refused with a pointer to the new one
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, metrics_interval) -> None:
+        refuse_renamed("GateProCallback", {} if metrics_interval is None else {"metrics_interval": metrics_interval})
         check_run_config("GateProCallback.gatepro", self.gatepro)
-        check_int("GateProCallback.metrics_interval", self.metrics_interval, minimum=1)
+        check_int("GateProCallback.metrics_interval_steps", self.metrics_interval_steps, minimum=1)
         if not isinstance(self.metrics_file, str) or os.path.basename(self.metrics_file) != self.metrics_file \
                 or not self.metrics_file.strip():
             raise ValueError(f"GateProCallback.metrics_file must be a file name in the save folder; got {self.metrics_file!r}")
@@ -67,7 +69,7 @@ class GateProCallback(Callback):
         tokens_before_step = self.trainer.global_train_tokens_seen - batch_tokens
         step = self.trainer.global_step
         trained = self.gatepro.trained(tokens=tokens_before_step, steps=step - 1)
-        begin_step(self._model, enabled=self.gatepro.active_at(trained), step=step, record=step % self.metrics_interval == 0)
+        begin_step(self._model, enabled=self.gatepro.active_at(trained), step=step, record=step % self.metrics_interval_steps == 0)
 
     def post_train_batch(self) -> None:
         recorded = finish_step(self._model)

@@ -198,7 +198,7 @@ def build_train_components(run: RunConfig, work_dir: str | None = None) -> Train
         .with_callback("checkpointer", CheckpointerCallback(save_interval=train.checkpoint_interval_steps,
                                                             save_async=False))
         .with_callback("interrupt", InterruptCallback())
-        .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval=train.metrics_interval_steps))
+        .with_callback("gatepro", GateProCallback(gatepro=run.gatepro, metrics_interval_steps=train.metrics_interval_steps))
         .with_callback("stop_file", StopFileCallback())
     )
     for name, callback in {**monitoring_callbacks(run), **evaluation_callbacks(run, tokenizer, work_dir)}.items():

@@ -3,7 +3,7 @@
 The paper's largest gains are in continued training (Table 1, the "CT stage"). One call trains
 one arm: a Hugging Face folder or hub id (OLMoE, Qwen-MoE, FlexOlmo, Mixtral, ...) continues
 on token files (OLMo-core's flat format) or text files (tokenised with the model's tokenizer),
-cut into windows of ``sequence_length``, for ``train_tokens`` tokens, with
+cut into windows of ``sequence_length``, for ``max_tokens`` tokens, with
 ``GateProTrainerCallback`` applying GatePro (or only recording what it would change, for the
 baseline arm). The run folder holds ``continue_settings.json`` (the settings, written first), the
 Trainer's checkpoints, ``gatepro_metrics.jsonl``, and at the end ``hf/``, the continued model
@@ -41,7 +41,7 @@ from olmoe_gatepro.checkpoints import cannot_load, check_model_files
 from olmoe_gatepro.jsonl import keep_settings, write_text_atomically
 from olmoe_gatepro.data import document_token_ids, iter_documents, read_token_file
 
-__all__ = ["ContinuedTraining", "continue_training", "RECORD_FILE", "SETTINGS_FILE"]
+__all__ = ["ContinuedTraining", "optimizer_steps", "continue_training", "RECORD_FILE", "SETTINGS_FILE"]
 
 RECORD_FILE = "continued_training.json"
 SETTINGS_FILE = "continue_settings.json"
@@ -51,29 +51,29 @@ SETTINGS_FILE = "continue_settings.json"
 class ContinuedTraining:
     """One continued-training arm.
 
-    ``data``: token files (``.npy``, raw ``tokens_dtype`` or ``numpy.save``) or text / ``.jsonl``
+    ``data``: token files (``.npy``, raw ``token_dtype`` or ``numpy.save``) or text / ``.jsonl``
     files, not mixed. ``gatepro``: its schedule; ``enabled=False`` is the baseline arm.
     ``report_to``: the Trainer's integrations (``"none"``, ``"all"``, ``"wandb"``, ...).
     """
 
     model: str
     data: tuple[str, ...]
-    train_tokens: int
+    max_tokens: int
     gatepro: GateProRunConfig
     revision: str | None = None
-    tokens_dtype: str = "uint16"
+    token_dtype: str = "uint16"
     sequence_length: int = 2048
     micro_batch_sequences: int = 4
     gradient_accumulation_steps: int = 1
     lr: float = 1e-5
-    warmup_steps: int = 0
+    warmup_tokens: int = 0
     seed: int = 0
     metrics_interval_steps: int = 10
     bf16: bool = False
     report_to: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
-        for name in ("train_tokens", "sequence_length", "micro_batch_sequences", "gradient_accumulation_steps", "metrics_interval_steps"):
+        for name in ("max_tokens", "sequence_length", "micro_batch_sequences", "gradient_accumulation_steps", "metrics_interval_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "sequence_length" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'sequence_length' else 1}; got {value!r}")
@@ -87,8 +87,8 @@ class ContinuedTraining:
             raise ValueError(f"data: no such file {missing[0]}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be finite and > 0; got {self.lr!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"warmup_tokens must be >= 0; got {self.warmup_tokens}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2^32); got {self.seed}")
         _check_report_to(self.report_to)
@@ -153,7 +153,7 @@ def _token_stream(spec: ContinuedTraining, tokenizer, needed: int) -> torch.Tens
     if spec.data[0].endswith(".npy"):
         parts, count = [], 0
         for path in spec.data:
-            tokens = read_token_file(path, spec.tokens_dtype, flag="--data")
+            tokens = read_token_file(path, spec.token_dtype, flag="--data")
             parts.append(torch.from_numpy(tokens[: needed - count].astype("int64")))
             count += parts[-1].numel()
             if count >= needed:
@@ -163,22 +163,29 @@ def _token_stream(spec: ContinuedTraining, tokenizer, needed: int) -> torch.Tens
     return torch.tensor(document_token_ids(documents, tokenizer, needed), dtype=torch.long)
 
 
+def optimizer_steps(spec: ContinuedTraining, world_size: int) -> tuple[int, int, int]:
+    """(tokens per optimizer step, steps in ``max_tokens``, steps in ``warmup_tokens`` rounded up) on ``world_size``
+    processes; a ValueError when ``max_tokens`` is less than one step."""
+    tokens_per_step = spec.sequence_length * spec.micro_batch_sequences * spec.gradient_accumulation_steps * world_size
+    steps = spec.max_tokens // tokens_per_step
+    if steps < 1:
+        raise ValueError(f"max_tokens {spec.max_tokens} is less than one optimizer step ({tokens_per_step} tokens: "
+                         "sequence_length x micro_batch_sequences x accumulation x processes)")
+    return tokens_per_step, steps, -(-spec.warmup_tokens // tokens_per_step)
+
+
 def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     """Train ``spec`` into ``out_dir`` (resuming from its latest checkpoint); return the record of ``hf/``.
 
     Under ``torchrun``/``accelerate`` every process runs this; the optimizer steps are
-    ``train_tokens / (sequence_length * micro_batch_sequences * accumulation * WORLD_SIZE)``.
+    ``max_tokens / (sequence_length * micro_batch_sequences * accumulation * WORLD_SIZE)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = spec.sequence_length * spec.micro_batch_sequences * spec.gradient_accumulation_steps * world_size
-    steps = spec.train_tokens // tokens_per_step
-    if steps < 1:
-        raise ValueError(f"train_tokens {spec.train_tokens} is less than one optimizer step ({tokens_per_step} tokens: "
-                         "sequence_length x micro_batch_sequences x accumulation x processes)")
+    tokens_per_step, steps, warmup_steps = optimizer_steps(spec, world_size)
     final = os.path.join(out_dir, "hf")
     if os.path.exists(final):
         raise FileExistsError(f"{final} already exists: this arm is done; choose another --out")
@@ -199,11 +206,11 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     windows = stream[: stream.numel() // spec.sequence_length * spec.sequence_length].view(-1, spec.sequence_length)
     if windows.numel() < steps * tokens_per_step:
         raise ValueError(f"data: {stream.numel()} tokens, fewer than the {steps * tokens_per_step} to train on; "
-                         "give more data or fewer --train-tokens")
+                         "give more data or fewer --max-tokens")
     args = TrainingArguments(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=spec.micro_batch_sequences,
         gradient_accumulation_steps=spec.gradient_accumulation_steps, learning_rate=spec.lr,
-        warmup_steps=spec.warmup_steps, lr_scheduler_type="cosine", save_steps=max(1, min(500, steps // 4)),
+        warmup_steps=warmup_steps, lr_scheduler_type="cosine", save_steps=max(1, min(500, steps // 4)),
         save_total_limit=2, logging_steps=spec.metrics_interval_steps, report_to=list(spec.report_to), seed=spec.seed,
         data_seed=spec.seed,
         include_num_input_tokens_seen="all", bf16=spec.bf16, use_cpu=not torch.cuda.is_available(),
@@ -212,7 +219,7 @@ def continue_training(spec: ContinuedTraining, out_dir: str) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         keep_settings(settings_path, settings)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": w, "labels": w} for w in windows])
-    GateProTrainerCallback.attach(trainer, spec.gatepro, metrics_interval=spec.metrics_interval_steps)
+    GateProTrainerCallback.attach(trainer, spec.gatepro, metrics_interval_steps=spec.metrics_interval_steps)
     stopper = _StopOnInterrupt()
     trainer.add_callback(stopper)
     resume = bool(glob.glob(os.path.join(out_dir, "checkpoint-*")))

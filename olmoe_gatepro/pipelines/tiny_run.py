@@ -155,12 +155,12 @@ class _InOrder(torch.utils.data.IterableDataset):
 class _LossRecorder(TrainerCallback):
     """At each logged step: the Trainer's mean training loss since the last one, and the held-out loss."""
 
-    def __init__(self, held_out: torch.Tensor, log_every: int):
-        self.held_out, self.log_every = held_out, log_every
+    def __init__(self, held_out: torch.Tensor, metrics_interval_steps: int):
+        self.held_out, self.metrics_interval_steps = held_out, metrics_interval_steps
         self.losses: dict[int, dict[str, float]] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.log_every:
+        if state.global_step % self.metrics_interval_steps:
             return
         model.eval()
         with torch.no_grad():
@@ -189,7 +189,7 @@ def train_tiny(
 ) -> list[dict]:
     """Train one tiny OLMoE with ``transformers.Trainer`` and ``GateProTrainerCallback``.
 
-    Returns a record per logged step (every ``log_every``): the mean training loss since the
+    Returns a record per logged step (every ``metrics_interval_steps``): the mean training loss since the
     previous one, the held-out loss and the callback's per-layer routing metrics.
     ``gatepro.enabled = False`` is the baseline; its flip rate tells what GatePro with the
     other settings of ``gatepro`` would change in the baseline's routing. With
@@ -215,7 +215,7 @@ def _train(config, gatepro, tokens, progress, checkpoint_dir, output_dir) -> lis
     )
     trainer = Trainer(model=model, args=args, train_dataset=_InOrder(_batches(tokens[:split], config)))
     schedule = GateProRunConfig(**dataclasses.asdict(gatepro))
-    GateProTrainerCallback.attach(trainer, schedule, metrics_interval=config.metrics_interval_steps)
+    GateProTrainerCallback.attach(trainer, schedule, metrics_interval_steps=config.metrics_interval_steps)
     losses = _LossRecorder(held_out.to(trainer.args.device), config.metrics_interval_steps)
     trainer.add_callback(losses)
     trainer.add_callback(_RaiseIfInterrupted())

@@ -6,7 +6,7 @@ optimizer step, sets GatePro on or off from the tokens (``Trainer`` counts them 
 ``include_num_input_tokens_seen``) or optimizer steps trained before that step; the Trainer
 restores both from a checkpoint, so a resumed run is in exactly the state an uninterrupted one
 would be. Cached partner tables are refreshed once per optimizer step. Every
-``metrics_interval`` steps it tallies, over all micro-batches of that step and all ranks, each
+``metrics_interval_steps`` steps it tallies, over all micro-batches of that step and all ranks, each
 MoE layer's zero-token count, load imbalance, flip rate, partner co-activation and boundary
 margins below lambda, adds the gate similarity metrics, and logs them through ``Trainer.log``
 (so ``report_to`` integrations get them) and, on the main process only, as one JSON line in
@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from olmoe_gatepro.core.checks import refuse_renamed
 from olmoe_gatepro.core.config import GateProRunConfig, check_run_config
 from olmoe_gatepro.core.router_state import METRICS_FILE, begin_step, finish_step
 from olmoe_gatepro.jsonl import append_record, drop_after_step
@@ -104,21 +105,24 @@ class GateProTrainerCallback(TrainerCallback):
     trainer it is attached to, and makes that trainer resume every weight of a checkpoint (or fail).
     """
 
-    def __init__(self, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100):
-        if isinstance(metrics_interval, bool) or not isinstance(metrics_interval, int) or metrics_interval < 1:
-            raise ValueError(f"metrics_interval must be an int >= 1; got {metrics_interval!r}")
-        self.trainer, self.gatepro, self.metrics_interval = trainer, gatepro, metrics_interval
+    def __init__(self, trainer, gatepro: GateProRunConfig, metrics_interval_steps: int = 100, **renamed):
+        refuse_renamed("GateProTrainerCallback", renamed)
+        if isinstance(metrics_interval_steps, bool) or not isinstance(metrics_interval_steps, int) or metrics_interval_steps < 1:
+            raise ValueError(f"metrics_interval_steps must be an int >= 1; got {metrics_interval_steps!r}")
+        self.trainer, self.gatepro, self.metrics_interval_steps = trainer, gatepro, metrics_interval_steps
         _resume_exactly(trainer)
 
     @classmethod
-    def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval: int = 100) -> "GateProTrainerCallback":
+    def attach(cls, trainer, gatepro: GateProRunConfig, metrics_interval_steps: int = 100,
+               **renamed) -> "GateProTrainerCallback":
         """A callback for ``trainer``, added to its callbacks."""
+        refuse_renamed("GateProTrainerCallback.attach", renamed)
         check_run_config("GateProTrainerCallback.attach: gatepro", gatepro, trainer)
         switches_by_tokens = gatepro.schedule_unit == "tokens" and (gatepro.on_from_tokens or gatepro.off_after_tokens)
         if switches_by_tokens and trainer.args.include_num_input_tokens_seen == "no":
             raise ValueError("the GatePro schedule counts tokens: set TrainingArguments(include_num_input_tokens_seen="
                              "'all'), or schedule in steps (on_from_steps / off_after_steps)")
-        callback = cls(trainer, gatepro, metrics_interval)
+        callback = cls(trainer, gatepro, metrics_interval_steps)
         trainer.add_callback(callback)
         return callback
 
@@ -137,7 +141,7 @@ class GateProTrainerCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
         begin_step(model, enabled=self.gatepro.active_at(self._trained(state)), step=step,
-                   record=step % self.metrics_interval == 0)
+                   record=step % self.metrics_interval_steps == 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         recorded = finish_step(model)

@@ -315,14 +315,14 @@ def _call(name, *args, **kwargs):
     return lambda: getattr(olmoe_gatepro, name)(*args, **kwargs)
 
 
-def _attach(gatepro, trainer="trainer"):
+def _attach(gatepro, trainer="trainer", **keywords):
     from olmoe_gatepro.transformers.trainer_callback import GateProTrainerCallback
 
     class Trainer:  # what attach reads of a transformers.Trainer
         def add_callback(self, callback):
             raise AssertionError("attached despite a bad argument")
 
-    return lambda: GateProTrainerCallback.attach(Trainer() if trainer == "trainer" else trainer, gatepro)
+    return lambda: GateProTrainerCallback.attach(Trainer() if trainer == "trainer" else trainer, gatepro, **keywords)
 
 
 def _config(cls="GateProConfig", **settings):
@@ -464,8 +464,16 @@ API_CASES = {  # id: (call, error type, the message's start)
                                 "GateProTrainerCallback.attach: trainer must be a transformers.Trainer"),
     "GateProCallback(gatepro=dict)": (_olmo_core_callback(gatepro={"enabled": True}), TypeError,
                                       "GateProCallback.gatepro must be a GateProRunConfig; got {'enabled': True}"),
-    "GateProCallback metrics_interval=0": (lambda: _olmo_core_callback(gatepro=_run_config()(), metrics_interval=0)(),
-                                           ValueError, "GateProCallback.metrics_interval must be an int >= 1; got 0"),
+    "GateProCallback metrics_interval_steps=0": (lambda: _olmo_core_callback(gatepro=_run_config()(), metrics_interval_steps=0)(),
+                                           ValueError, "GateProCallback.metrics_interval_steps must be an int >= 1; got 0"),
+    "GateProCallback metrics_interval=5 (the old name)": (
+        lambda: _olmo_core_callback(gatepro=_run_config()(), metrics_interval=5)(), TypeError,
+        "GateProCallback: metrics_interval is now metrics_interval_steps (the name OLMo-core's run configs use)"),
+    "attach(..., metrics_interval=5) (the old name)": (
+        lambda: _attach(_run_config()(), metrics_interval=5)(), TypeError,
+        "GateProTrainerCallback.attach: metrics_interval is now metrics_interval_steps"),
+    "attach(..., metrics_every=5)": (lambda: _attach(_run_config()(), metrics_every=5)(), TypeError,
+                                     "GateProTrainerCallback.attach got an unexpected keyword argument 'metrics_every'"),
     "GateProCallback metrics_file=path": (lambda: _olmo_core_callback(gatepro=_run_config()(),
                                                                       metrics_file="a/b.jsonl")(),
                                           ValueError, "GateProCallback.metrics_file must be a file name"),
@@ -1181,7 +1189,7 @@ def test_inspect_on_a_full_disk_leaves_no_partial_file(workdir, capsys, checkpoi
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--warmup-steps", "-1"], "--warmup-steps: warmup_steps must be >= 0; got -1"),
+    (["--warmup-tokens", "-1"], "--warmup-tokens: warmup_tokens must be >= 0; got -1"),
     (["--seed", "99999999999999999999"], "--seed: seed must lie in [0, 2^32); got 99999999999999999999"),
     (["--lr", "inf"], "--lr: lr must be finite and > 0; got inf"),
     (["--lr", "nan"], "--lr: lr must be finite and > 0; got nan"),
@@ -1190,7 +1198,7 @@ def test_inspect_on_a_full_disk_leaves_no_partial_file(workdir, capsys, checkpoi
 ])
 def test_continue_flags(workdir, capsys, checkpoint, flags, message):
     (workdir / "text.txt").write_text("hello world")
-    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--baseline", "--out", "run",
+    _refused(["continue", checkpoint, "--data", "text.txt", "--max-tokens", "8", "--baseline", "--out", "run",
               *flags], capsys, message)
     assert sorted(os.listdir(workdir)) == ["a-file", "text.txt"]
 
@@ -1200,7 +1208,7 @@ def test_continue_flags(workdir, capsys, checkpoint, flags, message):
 ])
 def test_continue_names_a_data_file_that_is_not_utf8(workdir, capsys, checkpoint, data, message):
     (workdir / "text.txt").write_bytes(data)
-    _refused(["continue", checkpoint, "--data", "text.txt", "--train-tokens", "8", "--sequence-length", "4",
+    _refused(["continue", checkpoint, "--data", "text.txt", "--max-tokens", "8", "--sequence-length", "4",
               "--micro-batch-sequences", "1", "--baseline", "--out", "run"], capsys, message)
 
 

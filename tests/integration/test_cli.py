@@ -46,10 +46,19 @@ def test_bad_gatepro_flag_names_the_value(capsys):
                                                ("smoke", "--hidden-size", "--d-model"),
                                                ("smoke", "--log-every", "--metrics-interval-steps"),
                                                ("continue", "--learning-rate", "--lr"),
-                                               ("continue", "--metrics-interval", "--metrics-interval-steps")])
+                                               ("continue", "--metrics-interval", "--metrics-interval-steps"),
+                                               ("continue", "--train-tokens", "--max-tokens"),
+                                               ("continue", "--tokens-dtype", "--token-dtype"),
+                                               ("continue", "--warmup-steps", "--warmup-tokens"),
+                                               ("inspect", "--tokens-dtype", "--token-dtype"),
+                                               ("prepare-data", "--dtype", "--token-dtype"),
+                                               ("check-data", "--dtype", "--token-dtype")])
 def test_an_old_flag_points_to_its_new_name(capsys, tmp_path, command, old, new):
-    argv = [command, old, "3"] if command == "smoke" else [command, "m", "--data", "d", "--train-tokens", "1",
-                                                          "--baseline", "--out", str(tmp_path), old, "3"]
+    argv = {"smoke": [command, old, "3"],
+            "continue": [command, "m", "--data", "d", "--max-tokens", "1", "--baseline", "--out", str(tmp_path), old, "3"],
+            "inspect": [command, "m", "--out", str(tmp_path), old, "uint16"],
+            "prepare-data": [command, "in.txt", "--out", str(tmp_path), old, "uint16"],
+            "check-data": [command, "in.npy", "--vocab-size", "256", old, "uint16"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]

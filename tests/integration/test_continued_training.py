@@ -13,7 +13,7 @@ from olmoe_gatepro.pipelines.tiny_run import build_tiny_olmoe, save_checkpoint
 from test_bad_inputs import _refused, _snapshot
 
 ARMS = {"baseline": ["--baseline"], "gatepro": ["--gatepro-penalty", "0.05"]}
-TRAIN = ["--train-tokens", "256", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
+TRAIN = ["--max-tokens", "256", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
          "--metrics-interval-steps", "1"]
 
 
@@ -62,11 +62,11 @@ def test_text_data_and_bad_input(stand_in, tmp_path, capsys, monkeypatch):
              "text/hf already exists: this arm is done")
     _refused(["continue", base, "--data", "missing.npy", "--baseline", *TRAIN, "--out", "x"], capsys,
              "--data: no such file missing.npy")
-    _refused(["continue", base, "--data", text, "--baseline", "--train-tokens", "2.5", "--out", "x"], capsys,
-             "--train-tokens: expected a whole number, got '2.5'")
-    _refused(["continue", base, "--data", text, "--baseline", "--train-tokens", "8", "--out", "x"], capsys,
-             "--train-tokens: train_tokens 8 is less than one optimizer step")
-    _refused(["continue", base, "--data", text, "--baseline", "--train-tokens", "1e6", "--sequence-length", "32",
+    _refused(["continue", base, "--data", text, "--baseline", "--max-tokens", "2.5", "--out", "x"], capsys,
+             "--max-tokens: expected a whole number, got '2.5'")
+    _refused(["continue", base, "--data", text, "--baseline", "--max-tokens", "8", "--out", "x"], capsys,
+             "--max-tokens: max_tokens 8 is less than one optimizer step")
+    _refused(["continue", base, "--data", text, "--baseline", "--max-tokens", "1e6", "--sequence-length", "32",
               "--out", "x"], capsys, "fewer than the 999936 to train on")
     _refused(["continue", base, "--data", text, "--gatepro-penalty", "-1", *TRAIN[:2], "--out", "x"], capsys,
              "--gatepro-penalty: penalty must be finite and >= 0")
@@ -77,7 +77,7 @@ def test_text_data_and_bad_input(stand_in, tmp_path, capsys, monkeypatch):
     assert _snapshot(tmp_path) == before
 
 
-LONGER = ["--train-tokens", "1024", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
+LONGER = ["--max-tokens", "1024", "--sequence-length", "32", "--micro-batch-sequences", "2", "--lr", "1e-3",
           "--metrics-interval-steps", "1"]  # 16 steps, checkpoints every 4
 
 
@@ -126,7 +126,7 @@ def test_bf16_moves_as_many_weights_as_float32(stand_in, tmp_path):
     (pure bf16 weights: 5% moved against 95%, the bug this guards against)."""
     from safetensors.torch import load_file
 
-    train = [*TRAIN[:6], "--train-tokens", "512", "--lr", "1e-5"]  # 8 steps
+    train = [*TRAIN[:6], "--max-tokens", "512", "--lr", "1e-5"]  # 8 steps
     for name, flags in (("float32", []), ("bf16", ["--bf16"])):
         assert main(["continue", str(stand_in / "base"), "--data", str(stand_in / "tokens/part-00000.npy"),
                      "--gatepro-penalty", "0.05", *train, *flags, "--out", str(tmp_path / name)]) == 0
@@ -170,3 +170,24 @@ def test_report_to_is_the_trainers(stand_in, tmp_path, capsys):
     _refused(["continue", base, "--data", data, "--baseline", *TRAIN, "--report-to", missing, "--out", "x"],
              capsys, f"--report-to: {missing} is not installed here")
     assert not (tmp_path / "x").exists()
+
+
+def test_tokens_become_optimizer_steps_as_in_olmo_core_run_configs(tmp_path):
+    """``--max-tokens`` and ``--warmup-tokens`` count tokens (train.max_tokens, optim.warmup_tokens); the Trainer
+    gets whole steps: the run's steps rounded down, the warmup's rounded up (a part step of warmup is a step)."""
+    from olmoe_gatepro.core.config import GateProRunConfig
+    from olmoe_gatepro.pipelines.continued_training import ContinuedTraining, optimizer_steps
+
+    text = tmp_path / "text.txt"
+    text.write_text("x")
+
+    def steps(max_tokens, warmup_tokens, world_size=1):
+        spec = ContinuedTraining(model="m", data=(str(text),), max_tokens=max_tokens, gatepro=GateProRunConfig(),
+                                 sequence_length=32, micro_batch_sequences=2, warmup_tokens=warmup_tokens)
+        return optimizer_steps(spec, world_size)
+
+    assert steps(256, 0) == (64, 4, 0)
+    assert steps(300, 64) == (64, 4, 1) and steps(300, 65) == (64, 4, 2)
+    assert steps(256, 65, world_size=2) == (128, 2, 1)
+    with pytest.raises(ValueError, match="max_tokens 63 is less than one optimizer step \\(64 tokens"):
+        steps(63, 0)

@@ -70,7 +70,7 @@ class StandInTrainer:
 
 def _callback(**schedule):
     gatepro = GateProRunConfig(enabled=True, penalty=PENALTY, **schedule)
-    return GateProCallback(gatepro=gatepro, metrics_interval=2)
+    return GateProCallback(gatepro=gatepro, metrics_interval_steps=2)
 
 
 def test_schedule_switches_at_token_boundaries_and_routes_accordingly(tmp_path):
@@ -132,7 +132,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
 def test_disabled_gatepro_still_records_what_it_would_flip(tmp_path):
     trainer = StandInTrainer(tmp_path)
-    callback = GateProCallback(gatepro=GateProRunConfig(enabled=False, penalty=PENALTY), metrics_interval=1)
+    callback = GateProCallback(gatepro=GateProRunConfig(enabled=False, penalty=PENALTY), metrics_interval_steps=1)
     seen = trainer.fit(callback, 2)
     assert not any(active for *_, active in seen)
     line = read_metrics_file(tmp_path / "gatepro_metrics.jsonl")[0]

@@ -106,8 +106,8 @@ def test_tokens_schedule_needs_token_counting(tmp_path):
                       args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
         GateProTrainerCallback.attach(trainer, GateProRunConfig(enabled=True, on_from_tokens=10))
-    with pytest.raises(ValueError, match="metrics_interval must be an int >= 1"):
-        GateProTrainerCallback(trainer, GateProRunConfig(), metrics_interval=0)
+    with pytest.raises(ValueError, match="metrics_interval_steps must be an int >= 1"):
+        GateProTrainerCallback(trainer, GateProRunConfig(), metrics_interval_steps=0)
 
 
 def test_two_processes_reduce_counts_and_write_once(tmp_path):
