@@ -852,14 +852,15 @@ def compare(groups: dict[str, list[str]] | list[str], out_dir: str, echo=print, 
     written["deltas.png"] = ""
     echo(written["table.md"])
     if routing:
-        from olmoe_gatepro.evaluation.plots import (TrainingCurves, plot_coactivation_curves, plot_diversity_curves,
-                                                    plot_zero_token_curves)
+        from olmoe_gatepro.evaluation.curves import routing_curves
+        from olmoe_gatepro.evaluation.plots import plot_coactivation_curves, plot_diversity_curves, plot_zero_token_curves
 
-        runs = [TrainingCurves(entry["label"], records) for entry in routing for records in entry["runs"]]
+        records = [(entry["label"], run) for entry in routing for run in entry["runs"]]
+        runs = [routing_curves(label, run) for label, run in records]
         plot_zero_token_curves(runs, os.path.join(out_dir, "zero_token_count.png"))
         plot_diversity_curves(runs, os.path.join(out_dir, "diversity.png"))
         written.update({"zero_token_count.png": "", "diversity.png": ""})
-        if all("partner_coactivation" in layer for run in runs for record in run.records for layer in record["layers"]):
+        if all("partner_coactivation" in layer for _, run in records for record in run for layer in record["layers"]):
             plot_coactivation_curves(runs, os.path.join(out_dir, "coactivation.png"))  # runs before 0.2 lack it
             written["coactivation.png"] = ""
     echo(f"wrote {', '.join(sorted(written))} to {out_dir}")

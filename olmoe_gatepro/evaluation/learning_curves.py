@@ -19,29 +19,17 @@ import dataclasses
 import io
 import os
 import re
-from dataclasses import dataclass, field
-
+from olmoe_gatepro.evaluation.curves import Curves
 from olmoe_gatepro.evaluation.results import RESULT_FILES, load_result
 from olmoe_gatepro.jsonl import read_step_records
 
-__all__ = ["RunCurves", "TRAIN_LOSS", "switch_tokens", "curves_from_metrics", "curves_from_records",
-           "curves_from_checkpoint_results",
-           "load_run_curves", "to_csv", "plot_learning_curves", "write_learning_curves"]
+__all__ = ["TRAIN_LOSS", "LOSS_CURVE", "switch_tokens", "curves_from_metrics", "curves_from_records",
+           "curves_from_checkpoint_results", "load_run_curves", "to_csv", "write_learning_curves"]
 
 DOWNSTREAM = re.compile(r"eval/downstream/(?P<task>.+) \((?P<metric>(length-normalized |PMI-DC )?accuracy v2|F1 score v2)\)")
 HELD_OUT = re.compile(r"eval/lm/(?P<label>.+)/CE loss")
 TRAIN_LOSS = "train/CE loss"
 LOSS_CURVE = re.compile(r"held-out( .+)? loss|training loss")
-
-
-@dataclass
-class RunCurves:
-    """One run's curves: ``series[name]`` is ``[(tokens, value), ...]`` in token order."""
-
-    label: str
-    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    steps: dict[int, int] = field(default_factory=dict)  # tokens -> step
-    switches: tuple[int, ...] = ()  # tokens at which GatePro switched on or off
 
 
 def switch_tokens(gatepro: dict, tokens_per_step: int | None) -> tuple[int, ...]:
@@ -57,7 +45,7 @@ def switch_tokens(gatepro: dict, tokens_per_step: int | None) -> tuple[int, ...]
     return tuple(value * scale for value in (on, off) if value)
 
 
-def _collect(curves: RunCurves, points: list[tuple[str, int, int, float]]) -> RunCurves:
+def _collect(curves: Curves, points: list[tuple[str, int, int, float]]) -> Curves:
     """``curves`` with ``points`` (name, step, tokens, value) added; of two at one point the later wins."""
     by_name: dict[str, dict[int, float]] = {}
     for name, step, tokens, value in points:
@@ -67,7 +55,7 @@ def _collect(curves: RunCurves, points: list[tuple[str, int, int, float]]) -> Ru
     return curves
 
 
-def curves_from_metrics(folder: str, label: str) -> RunCurves:
+def curves_from_metrics(folder: str, label: str) -> Curves:
     """The curves of an OLMo-core save folder (see the module docstring)."""
     from olmoe_gatepro.olmo_core.run_config import ConfigError, load_run_config
     from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE
@@ -85,15 +73,15 @@ def curves_from_metrics(folder: str, label: str) -> RunCurves:
     points = [(name, record["step"], record["step"] * tokens_per_step, float(value))
               for record in read_step_records(path) for key, value in record.items()
               if (name := _curve_name(key)) is not None and isinstance(value, (int, float))]
-    return _collect(RunCurves(label, switches=switch_tokens(dataclasses.asdict(run.gatepro), tokens_per_step)), points)
+    return _collect(Curves(label, switches=switch_tokens(dataclasses.asdict(run.gatepro), tokens_per_step)), points)
 
 
-def curves_from_records(records: list[dict], label: str, tokens_per_step: int) -> RunCurves:
+def curves_from_records(records: list[dict], label: str, tokens_per_step: int) -> Curves:
     """The training and held-out loss of a tiny run's records (``tiny_run.train_tiny``, one per logged step)."""
     points = [(name, record["step"], record["step"] * tokens_per_step, float(record[key]))
               for record in records for key, name in (("loss", "training loss"), ("held_out_loss", "held-out loss"))
               if key in record]
-    return _collect(RunCurves(label), points)
+    return _collect(Curves(label), points)
 
 
 def _curve_name(metric: str) -> str | None:
@@ -106,7 +94,7 @@ def _curve_name(metric: str) -> str | None:
     return None
 
 
-def curves_from_checkpoint_results(folder: str, label: str | None = None, suite: str = "lm-eval") -> RunCurves:
+def curves_from_checkpoint_results(folder: str, label: str | None = None, suite: str = "lm-eval") -> Curves:
     """The curves of a per-checkpoint evaluation folder: ``<folder>/<checkpoint>/<suite's result file>``."""
     results = []
     for name in sorted(os.listdir(folder)):
@@ -119,7 +107,7 @@ def curves_from_checkpoint_results(folder: str, label: str | None = None, suite:
     if not results:
         raise ValueError(f"{folder}: neither a training save folder (run_config.json) nor per-checkpoint results "
                          f"(<checkpoint>/{RESULT_FILES[suite]})")
-    curves = RunCurves(label or results[0]["label"],
+    curves = Curves(label or results[0]["label"],
                        switches=tuple(results[0]["checkpoint"].get("gatepro_switch_tokens") or ()))
     points = [(_task_curve(task, result["suite"]), result["checkpoint"]["step"], result["checkpoint"]["tokens"],
                entry["score"]) for result in results for task, entry in result["tasks"].items()]
@@ -131,7 +119,7 @@ def _task_curve(task: str, suite: str) -> str:
     return task if suite == "olmo-in-loop" else f"{task} ({suite})"
 
 
-def load_run_curves(folder: str, label: str, suite: str = "lm-eval") -> RunCurves:
+def load_run_curves(folder: str, label: str, suite: str = "lm-eval") -> Curves:
     """The curves of ``folder``: an OLMo-core save folder, or a per-checkpoint evaluation folder of ``suite``."""
     from olmoe_gatepro.olmo_core.run_config import RUN_CONFIG_FILE
 
@@ -142,7 +130,7 @@ def load_run_curves(folder: str, label: str, suite: str = "lm-eval") -> RunCurve
     return curves_from_checkpoint_results(folder, label, suite)
 
 
-def to_csv(runs: list[RunCurves]) -> str:
+def to_csv(runs: list[Curves]) -> str:
     """One row per point: run, curve, step, tokens, value."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -153,56 +141,7 @@ def to_csv(runs: list[RunCurves]) -> str:
     return buffer.getvalue()
 
 
-def _token_axis(tokens: float, _position=None) -> str:
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(tokens) >= scale:
-            return f"{tokens / scale:g}{unit}"
-    return f"{tokens:g}"
-
-
-def plot_learning_curves(runs: list[RunCurves], path: str) -> None:
-    """One panel per curve (tasks first, then losses); each run one colour, its switch points dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    from olmoe_gatepro.evaluation.plots import save_figure
-
-    names = list(dict.fromkeys(name for run in runs for name in run.series))
-    names.sort(key=lambda name: bool(LOSS_CURVE.fullmatch(name)))
-    columns = min(3, len(names))
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows + 0.6), squeeze=False,
-                                layout="constrained")
-    colours = plt.get_cmap("tab10")
-    for axis, name in zip(axes.flat, names):
-        for index, run in enumerate(runs):
-            if name in run.series:
-                tokens, values = zip(*run.series[name])
-                axis.plot(tokens, values, marker="o", markersize=3, color=colours(index % 10), label=run.label)
-            for switch in run.switches:
-                axis.axvline(switch, color=colours(index % 10), linestyle=":", linewidth=1)
-        axis.set_title(name)
-        axis.set_ylabel("loss" if LOSS_CURVE.fullmatch(name) else "score")
-        axis.set_xlabel("tokens trained")
-        axis.xaxis.set_major_formatter(FuncFormatter(_token_axis))
-        axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(names):]:
-        axis.set_visible(False)
-    legend = {}  # label -> handle, over all panels: a run may lack the first panel's curve
-    for axis in axes.flat:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    handles, labels = list(legend.values()), list(legend)
-    note = " (dotted: GatePro switched on/off)" if any(run.switches for run in runs) else ""
-    figure.legend(handles, labels, loc="outside upper center", ncol=min(len(runs), 2 * columns), frameon=False,
-                  title=f"learning curves{note}")
-    save_figure(figure, path)
-
-
-def write_learning_curves(runs: list[RunCurves], out_dir: str) -> list[str]:
+def write_learning_curves(runs: list[Curves], out_dir: str) -> list[str]:
     """``learning_curves.png`` and ``learning_curves.csv`` in ``out_dir``; their paths."""
     from olmoe_gatepro.jsonl import write_text_atomically
 
@@ -210,6 +149,8 @@ def write_learning_curves(runs: list[RunCurves], out_dir: str) -> list[str]:
         raise ValueError("no curve to draw: the runs logged no in-loop evaluation, held-out or training loss")
     os.makedirs(out_dir, exist_ok=True)
     png, table = os.path.join(out_dir, "learning_curves.png"), os.path.join(out_dir, "learning_curves.csv")
+    from olmoe_gatepro.evaluation.plots import plot_learning_curves
+
     plot_learning_curves(runs, png)
     write_text_atomically(table, to_csv(runs))
     return [png, table]

@@ -1,23 +1,24 @@
-"""Figure 4/5-style PNG plots of routing metrics over training, runs on the same axes.
+"""Every PNG plot of the package: curves over training, comparison deltas, inspected routing.
 
-The curve plots take ``TrainingCurves``: one run's records (as ``tiny_run.train_tiny`` returns
-them, or lines of the OLMo-core callback's metrics file) under a legend label; runs that share
-a label are seeds of one recipe and are averaged.
+The curve plots take ``curves.Curves``, one run's named series: routing metrics against the
+step (``curves.routing_curves``; runs that share a label are seeds of one recipe and are
+averaged), or learning curves against tokens trained (``learning_curves.py``).
 """
 
 import statistics
-from dataclasses import dataclass
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from olmoe_gatepro.evaluation.curves import Curves, layer_series, series_layers  # noqa: E402
+from olmoe_gatepro.evaluation.learning_curves import LOSS_CURVE  # noqa: E402
 from olmoe_gatepro.jsonl import atomic_file  # noqa: E402
 
-__all__ = ["TrainingCurves", "save_figure", "plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves",
-           "plot_deltas", "plot_inspected_layers", "plot_coactivation_heatmaps"]
+__all__ = ["save_figure", "plot_zero_token_curves", "plot_coactivation_curves", "plot_diversity_curves",
+           "plot_learning_curves", "plot_deltas", "plot_inspected_layers", "plot_coactivation_heatmaps"]
 
 DIVERSITY_METRICS = (
     ("avg_cosine_similarity", "average cosine similarity"),
@@ -26,35 +27,20 @@ DIVERSITY_METRICS = (
 )
 
 
-@dataclass(frozen=True)
-class TrainingCurves:
-    """One run's per-step records under its legend ``label`` (runs sharing it are averaged).
-
-    ``colour``: runs sharing it share a colour (default: the label); ``dashed``: a dashed line.
-    """
-
-    label: str
-    records: list[dict]
-    colour: str | None = None
-    dashed: bool = False
-
-
-def _mean_curves(runs: list[TrainingCurves], metric: str, layer: int) -> dict[str, tuple[list, list]]:
-    grouped: dict[str, list[list[dict]]] = {}
+def _mean_curves(runs: list[Curves], name: str) -> dict[str, tuple[list, list]]:
+    """Series ``name`` of each label, averaged over the runs (seeds) sharing it, point by point."""
+    grouped: dict[str, list[Curves]] = {}
     for run in runs:
-        grouped.setdefault(run.label, []).append(run.records)
+        grouped.setdefault(run.label, []).append(run)
     curves = {}
     for label, seeds in grouped.items():
-        steps = [record["step"] for record in seeds[0]]
-        values = [
-            statistics.fmean(records[i]["layers"][layer][metric] for records in seeds)
-            for i in range(len(steps))
-        ]
+        steps = [step for step, _ in seeds[0].series[name]]
+        values = [statistics.fmean(seed.series[name][i][1] for seed in seeds) for i in range(len(steps))]
         curves[label] = (steps, values)
     return curves
 
 
-def _styles(runs: list[TrainingCurves]) -> dict[str, dict]:
+def _styles(runs: list[Curves]) -> dict[str, dict]:
     """Each label's line: one colour per colour group, dashed where asked."""
     groups = list(dict.fromkeys(run.colour or run.label for run in runs))
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
@@ -62,7 +48,7 @@ def _styles(runs: list[TrainingCurves]) -> dict[str, dict]:
                             label=run.label) for run in runs}
 
 
-def _seeds_note(runs: list[TrainingCurves]) -> str:
+def _seeds_note(runs: list[Curves]) -> str:
     return " (mean over seeds)" if len({run.label for run in runs}) < len(runs) else ""
 
 
@@ -85,17 +71,17 @@ def _save(figure, path: str) -> None:
     save_figure(figure, path, bbox_inches="tight")
 
 
-def _per_layer_curves(runs: list[TrainingCurves], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:
-    num_layers = len(runs[0].records[0]["layers"])
+def _per_layer_curves(runs: list[Curves], path: str, metric: str, ylabel: str, title: str, chance=None) -> None:
+    layers = series_layers(runs[0], metric)
     styles = _styles(runs)
     figure, axes = plt.subplots(
-        1, num_layers, figsize=(4.2 * num_layers, 3.6), squeeze=False, constrained_layout=True
+        1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False, constrained_layout=True
     )
-    for layer, axis in enumerate(axes[0]):
-        for key, (steps, values) in _mean_curves(runs, metric, layer).items():
+    for layer, axis in zip(layers, axes[0]):
+        for key, (steps, values) in _mean_curves(runs, layer_series(metric, layer)).items():
             axis.plot(steps, values, **styles[key])
         if chance is not None:
-            axis.axhline(runs[0].records[0]["layers"][layer][chance], color="grey", linestyle=":",
+            axis.axhline(runs[0].series[layer_series(chance, layer)][0][1], color="grey", linestyle=":",
                          label="uniformly random top-k")
         axis.set_title(f"layer {layer}")
         axis.set_xlabel("step")
@@ -105,20 +91,20 @@ def _per_layer_curves(runs: list[TrainingCurves], path: str, metric: str, ylabel
     _save(figure, path)
 
 
-def plot_zero_token_curves(runs: list[TrainingCurves], path: str) -> None:
+def plot_zero_token_curves(runs: list[Curves], path: str) -> None:
     """Unused experts per batch over steps, one panel per layer (the paper's Figure 4)."""
     _per_layer_curves(runs, path, "zero_token_count", "experts with no token", "Zero-token count per batch")
 
 
-def plot_coactivation_curves(runs: list[TrainingCurves], path: str) -> None:
+def plot_coactivation_curves(runs: list[Curves], path: str) -> None:
     """Partner co-activation over steps against its uniformly random top-k level, one panel per layer."""
     _per_layer_curves(runs, path, "partner_coactivation", "chosen experts whose partner is chosen too",
                       "Partner co-activation", chance="partner_coactivation_chance")
 
 
-def plot_diversity_curves(runs: list[TrainingCurves], path: str) -> None:
+def plot_diversity_curves(runs: list[Curves], path: str) -> None:
     """Cosine similarity, angle and spectral entropy over steps, first and last layer (Figure 5)."""
-    num_layers = len(runs[0].records[0]["layers"])
+    num_layers = len(series_layers(runs[0], DIVERSITY_METRICS[0][0]))
     layers = sorted({0, num_layers - 1})
     styles = _styles(runs)
     figure, axes = plt.subplots(
@@ -128,13 +114,55 @@ def plot_diversity_curves(runs: list[TrainingCurves], path: str) -> None:
     for row, layer in enumerate(layers):
         for column, (metric, title) in enumerate(DIVERSITY_METRICS):
             axis = axes[row][column]
-            for key, (steps, values) in _mean_curves(runs, metric, layer).items():
+            for key, (steps, values) in _mean_curves(runs, layer_series(metric, layer)).items():
                 axis.plot(steps, values, **styles[key])
             axis.set_title(f"layer {layer}: {title}")
             axis.set_xlabel("step")
     _legend(figure, axes[0][0])
     figure.suptitle("Gate similarity" + _seeds_note(runs))
     _save(figure, path)
+
+
+def _token_axis(tokens: float, _position=None) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(tokens) >= scale:
+            return f"{tokens / scale:g}{unit}"
+    return f"{tokens:g}"
+
+
+def plot_learning_curves(runs: list[Curves], path: str) -> None:
+    """One panel per curve (tasks first, then losses) against tokens trained; each run one colour, its
+    GatePro switch points dotted."""
+    names = list(dict.fromkeys(name for run in runs for name in run.series))
+    names.sort(key=lambda name: bool(LOSS_CURVE.fullmatch(name)))
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows + 0.6), squeeze=False,
+                                layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for axis, name in zip(axes.flat, names):
+        for index, run in enumerate(runs):
+            if name in run.series:
+                tokens, values = zip(*run.series[name])
+                axis.plot(tokens, values, marker="o", markersize=3, color=colours(index % 10), label=run.label)
+            for switch in run.switches:
+                axis.axvline(switch, color=colours(index % 10), linestyle=":", linewidth=1)
+        axis.set_title(name)
+        axis.set_ylabel("loss" if LOSS_CURVE.fullmatch(name) else "score")
+        axis.set_xlabel("tokens trained")
+        axis.xaxis.set_major_formatter(FuncFormatter(_token_axis))
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(names):]:
+        axis.set_visible(False)
+    legend = {}  # label -> handle, over all panels: a run may lack the first panel's curve
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    note = " (dotted: GatePro switched on/off)" if any(run.switches for run in runs) else ""
+    figure.legend(handles, labels, loc="outside upper center", ncol=min(len(runs), 2 * columns), frameon=False,
+                  title=f"learning curves{note}")
+    save_figure(figure, path)
 
 
 def plot_deltas(comparison: dict, path: str) -> None:

@@ -235,9 +235,10 @@ def write_report(results: list[dict], out_dir: str) -> None:
     if differences:
         _write_csv(os.path.join(out_dir, "differences.csv"), _differences_csv_rows(differences))
         write_text_atomically(os.path.join(out_dir, "differences.md"), _differences_markdown(differences))
-    from olmoe_gatepro.evaluation.plots import TrainingCurves, plot_diversity_curves, plot_zero_token_curves
+    from olmoe_gatepro.evaluation.curves import routing_curves
+    from olmoe_gatepro.evaluation.plots import plot_diversity_curves, plot_zero_token_curves
 
-    curves = [TrainingCurves(_legend_label(result["setting"], result["lb_loss_weight"]), result["records"],
+    curves = [routing_curves(_legend_label(result["setting"], result["lb_loss_weight"]), result["records"],
                              colour=result["setting"], dashed=not result["lb_loss_weight"]) for result in results]
     plot_zero_token_curves(curves, os.path.join(out_dir, "zero_token_count.png"))
     plot_diversity_curves(curves, os.path.join(out_dir, "diversity.png"))
