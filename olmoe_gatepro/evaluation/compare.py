@@ -44,7 +44,7 @@ from olmoe_gatepro.evaluation.results import TASK_TITLES, TASKS, load_result, lo
 from olmoe_gatepro.jsonl import read_records, write_text_atomically
 
 __all__ = ["METRICS_FILE", "PRIMARY", "PAPER_AVERAGE", "PAPER_DELTAS", "ROUTING_METRICS", "Arm", "load_arms",
-           "compare_arms", "routing_differences", "routing_verdict", "routing_difference_table", "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
+           "compare_arms", "routing_differences", "difference_text", "routing_verdict", "routing_difference_table", "routing_summary", "to_markdown", "to_csv", "parse_seed_sd", "compare"]
 
 PRIMARY, PAPER_AVERAGE = "pooled", "avg"
 # The paper's Table 2 (OLMoE-1B-7B, 400B tokens): GatePro minus baseline, in points.
@@ -694,11 +694,13 @@ def routing_differences(baseline: list[list[dict]], model: list[list[dict]], pai
     return out
 
 
-def _interval(test: dict, unit: str) -> str:
+def difference_text(test: dict, unit: str = "", interval: str = "95% CI ") -> str:
+    """A seed-level difference as written in reports: ``+1.2 pts (95% CI +0.3 to +2.1)``, or why it has no
+    interval; ``interval`` precedes the bounds."""
+    value = f"{test['delta']:+.3g}{' ' + unit if unit else ''}"
     if math.isnan(test["ci95_low"]):
-        why = "seed spread 0" if test["zero_spread"] else "one seed"
-        return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (no interval: {why})"
-    return f"{test['delta']:+.3g}{' ' + unit if unit else ''} (95% CI {test['ci95_low']:+.3g} to {test['ci95_high']:+.3g})"
+        return f"{value} (no interval: {'seed spread 0' if test['zero_spread'] else 'one seed'})"
+    return f"{value} ({interval}{test['ci95_low']:+.3g} to {test['ci95_high']:+.3g})"
 
 
 def routing_verdict(label: str, baseline: str, differences: dict[str, dict], paired: bool, what: str) -> str:
@@ -710,7 +712,7 @@ def routing_verdict(label: str, baseline: str, differences: dict[str, dict], pai
         entry, test = differences[key], differences[key]["overall"]
         verdict = ("an effect" if test["significant"] else "no effect detected") \
             if min(seeds) >= paired_stats.MIN_SEEDS and not test["zero_spread"] else "no claim"
-        parts.append(f"{entry['name']} {_interval(test, entry['unit'])}, {verdict}")
+        parts.append(f"{entry['name']} {difference_text(test, entry['unit'])}, {verdict}")
     lead = f"**{label}** vs {baseline}, {what} ({design}; mean over layers, seed-level t intervals, Holm over the " \
            f"{len(ROUTING_METRICS)} metrics)"
     if min(seeds) < paired_stats.MIN_SEEDS:
@@ -724,7 +726,7 @@ def routing_difference_table(label: str, differences: dict[str, dict]) -> list[s
     for key, *_ in ROUTING_METRICS:
         entry = differences[key]
         name = f"{entry['name']} ({entry['unit']})" if entry["unit"] else entry["name"]
-        cells = [_interval(test, "") for test in entry["layers"]] + [_interval(entry["overall"], "")]
+        cells = [difference_text(test) for test in entry["layers"]] + [difference_text(entry["overall"])]
         lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -19,7 +19,8 @@ import os
 import statistics
 import time
 
-from olmoe_gatepro.evaluation.compare import END_OF_TRAINING, ROUTING_METRICS, end_of_training_routing, routing_differences
+from olmoe_gatepro.evaluation.compare import (END_OF_TRAINING, ROUTING_METRICS, difference_text, end_of_training_routing,
+                                              routing_differences)
 from olmoe_gatepro.evaluation.paired_stats import ALPHA, MIN_SEEDS, holm, seed_level_test
 from olmoe_gatepro.interrupts import raise_if_interrupted
 from olmoe_gatepro.jsonl import append_record, atomic_file, keep_settings, repair, write_text_atomically
@@ -173,8 +174,8 @@ def differences_to_off(results: list[dict]) -> list[dict]:
 
 def _difference_cell(test: dict) -> str:
     if math.isnan(test["ci95_low"]):
-        return f"{test['delta']:+.3g} (no interval: {'seed spread 0' if test['zero_spread'] else 'one seed'})"
-    cell = f"{test['delta']:+.3g} ({test['ci95_low']:+.3g} to {test['ci95_high']:+.3g}), p {test['p_adjusted']:.2g}"
+        return difference_text(test)
+    cell = f"{difference_text(test, interval='')}, p {test['p_adjusted']:.2g}"
     return f"**{cell}**" if test["significant"] else cell
 
 
