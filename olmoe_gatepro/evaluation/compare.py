@@ -686,11 +686,7 @@ def routing_differences(baseline: list[list[dict]], model: list[list[dict]], pai
         out[key] = {"name": name, "unit": unit,
                     "layers": [paired_stats.seed_level_test(base[:, i], other[:, i], paired) for i in range(base.shape[1])],
                     "overall": paired_stats.seed_level_test(base.mean(axis=1), other.mean(axis=1), paired)}
-    tests = [out[key]["overall"] for key, *_ in ROUTING_METRICS]
-    claimable = min(tests[0]["seeds"]) >= paired_stats.MIN_SEEDS
-    for test, adjusted in zip(tests, paired_stats.holm([test["p_value"] for test in tests])):
-        test["p_adjusted"] = adjusted
-        test["significant"] = claimable and not test["zero_spread"] and adjusted < paired_stats.ALPHA
+    paired_stats.adjust_seed_level_tests([out[key]["overall"] for key, *_ in ROUTING_METRICS])
     return out
 
 

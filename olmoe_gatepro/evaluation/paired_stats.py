@@ -40,6 +40,7 @@ __all__ = [
     "item_paired_test",
     "seed_level_test",
     "holm",
+    "adjust_seed_level_tests",
     "detectable_difference",
     "seeds_needed",
 ]
@@ -223,6 +224,14 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(values) - rank) * values[index]))
         adjusted[index] = running
     return adjusted
+
+
+def adjust_seed_level_tests(tests: list[dict]) -> None:
+    """Holm over ``tests`` (``seed_level_test`` records, one family), in place: each gets ``p_adjusted`` and
+    ``significant`` (an effect: adjusted p < ALPHA, with ``MIN_SEEDS``+ seeds per arm and a spread above 0)."""
+    for test, adjusted in zip(tests, holm([test["p_value"] for test in tests])):
+        test["p_adjusted"] = adjusted
+        test["significant"] = min(test["seeds"]) >= MIN_SEEDS and not test["zero_spread"] and adjusted < ALPHA
 
 
 def _power(effect: float, se: float, df: float | None, alpha: float) -> float:

@@ -21,7 +21,7 @@ import time
 
 from olmoe_gatepro.evaluation.compare import (END_OF_TRAINING, ROUTING_METRICS, difference_text, end_of_training_routing,
                                               routing_differences)
-from olmoe_gatepro.evaluation.paired_stats import ALPHA, MIN_SEEDS, holm, seed_level_test
+from olmoe_gatepro.evaluation.paired_stats import ALPHA, MIN_SEEDS, adjust_seed_level_tests, seed_level_test
 from olmoe_gatepro.interrupts import raise_if_interrupted
 from olmoe_gatepro.jsonl import append_record, atomic_file, keep_settings, repair, write_text_atomically
 from olmoe_gatepro.pipelines.presets import StudyPreset
@@ -165,10 +165,7 @@ def differences_to_off(results: list[dict]) -> list[dict]:
         tests["held_out_loss"] = seed_level_test([off[seed][-1]["held_out_loss"] for seed in seeds],
                                                  [by_seed[seed][-1]["held_out_loss"] for seed in seeds], paired=True)
         rows.append({"setting": setting, "lb_loss_weight": lbl, "seeds": len(seeds), "tests": tests})
-    every = [test for row in rows for test in row["tests"].values()]
-    for test, adjusted in zip(every, holm([test["p_value"] for test in every])):
-        test["p_adjusted"] = adjusted
-        test["significant"] = min(test["seeds"]) >= MIN_SEEDS and not test["zero_spread"] and adjusted < ALPHA
+    adjust_seed_level_tests([test for row in rows for test in row["tests"].values()])  # re-adjusted: the study's family
     return rows
 
 
