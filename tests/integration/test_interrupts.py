@@ -100,3 +100,34 @@ def test_a_ctrl_c_to_idle_pool_workers_is_kept_for_their_next_job(capfd, quiet):
         assert outcomes == [KeyboardInterrupt, KeyboardInterrupt] and "Traceback" not in printed, printed
     else:
         assert BrokenProcessPool in outcomes and "KeyboardInterrupt" in printed
+
+
+def test_ctrl_c_stops_a_parallel_prepare_data_and_the_rerun_writes_the_clean_files(tmp_path):
+    """A real SIGINT to prepare-data's process group (two workers) once a unit is named: exit 130, one line, no
+    traceback and no partial shard; only units the manifest records stay, and the rerun ends with the files of
+    an uninterrupted run byte for byte."""
+    import json
+
+    from interrupting import CLI, interrupt_once, run
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for index in range(12):  # 12 units of about 6 MB: seconds of work, so that the signal finds it busy
+        (inputs / f"{index}.jsonl").write_text("".join(json.dumps({"text": f"file {index} doc {j} " * 2000}) + "\n"
+                                                       for j in range(150)))
+    files = sorted(str(path) for path in inputs.iterdir())
+
+    def prepare(out):
+        return [*CLI, "prepare-data", *files, "--out", str(out), "--workers", "2", "--tokens-per-file", "1000000"]
+
+    assert run(prepare(tmp_path / "clean")).returncode == 0
+    cut = tmp_path / "cut"
+    code, output, seconds = interrupt_once(prepare(cut), (cut / "manifest.json").exists, tmp_path / "cut.log")
+    assert code == 130 and "olmoe-gatepro prepare-data: interrupted" in output and "Traceback" not in output, output
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert not manifest["complete"], "the run ended before the signal: the test says nothing"
+    assert sorted(path.name for path in cut.glob("part-*.npy")) == sorted(shard["path"] for shard in manifest["shards"])
+    assert not list(cut.glob("*.partial"))
+    assert run(prepare(cut)).returncode == 0
+    assert {path.name: path.read_bytes() for path in cut.glob("part-*.npy")} == \
+        {path.name: path.read_bytes() for path in (tmp_path / "clean").glob("part-*.npy")}
