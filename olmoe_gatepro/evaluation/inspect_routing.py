@@ -147,7 +147,7 @@ class _LayerTally:
         self.penalties, self.gatepro = penalties, gatepro
         self.partners = competition_partners(self.weight)
         # the pairs partner co-activation is scored on: this router's own, or (given) another model's
-        self.scored_partners = self.partners if scored_partners is None else torch.tensor(scored_partners)
+        self.scored_partners = self.partners.cpu() if scored_partners is None else torch.tensor(scored_partners)
         self.rule_partners = competition_partners(self.weight, gatepro.num_competitors)
         self.tally = metrics.RoutingTally(self.num_experts, self.top_k, tuple(penalties.values()))
         self.coactivation = torch.zeros(self.num_experts, self.num_experts, dtype=torch.int64)
