@@ -61,7 +61,9 @@ def spectral_entropy(router_weight: torch.Tensor, eps: float = 1e-8) -> float:
 
 def tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(N,) int64: how many (token, slot) assignments each expert received."""
-    return torch.bincount(expert_indices.reshape(-1).long(), minlength=num_experts)
+    indices = expert_indices.reshape(-1).long()
+    # scatter_add_, not bincount: bincount reads the largest index on the host (a sync on a GPU, a graph break)
+    return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(0, indices, torch.ones_like(indices))
 
 
 def load_metrics(counts: torch.Tensor) -> dict[str, float | int]:

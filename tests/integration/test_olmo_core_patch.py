@@ -129,6 +129,26 @@ def test_patch_adds_no_graph_break():
             torch.testing.assert_close(got, expected)
 
 
+def test_a_recording_router_compiles_in_one_graph_and_tallies_as_eager():
+    """The callbacks' metric steps record in route() (core/metrics.RoutingTally): no graph break there either
+    (a bincount was one), and the compiled tally equals the eager one."""
+    from olmoe_gatepro.core.router_state import start_recording, stop_recording
+
+    router = _router().eval()
+    x, _ = _inputs()
+    patch_olmo_core(penalty=PENALTY)
+    torch._dynamo.reset()
+    start_recording(router)
+    assert torch._dynamo.explain(router)(x).graph_break_count == 0
+    stop_recording(router)
+    tallies = []
+    for forward in (router, torch.compile(router, fullgraph=True, backend="aot_eager")):
+        start_recording(router)
+        forward(x)
+        tallies.append(stop_recording(router).counts)
+    assert torch.equal(*tallies) and tallies[0][:EXPERTS].sum() == x.shape[0] * x.shape[1] * TOP_K
+
+
 def test_state_dict_keys_unchanged_and_cached_partners():
     router = _router()
     keys = set(router.state_dict())
