@@ -300,6 +300,15 @@ def _resume_or_start(out_dir: str, settings: dict, sizes: list[int]) -> dict:
     return manifest
 
 
+def _records_unit(out_dir: str, unit: int) -> bool:
+    """Whether ``out_dir``'s manifest on disk records ``unit`` as done."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST_FILE), encoding="utf-8") as file:
+            return any(done["unit"] == unit for done in json.load(file)["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def write_token_files(
     inputs: list[str],
     out_dir: str,
@@ -361,7 +370,10 @@ def write_token_files(
             for shard, record in reversed(list(zip(shards, named))):
                 os.replace(shard["partial"], os.path.join(out_dir, record["path"]))
             write_text_atomically(os.path.join(out_dir, MANIFEST_FILE), json.dumps(recorded, indent=1))
-        except BaseException:  # a full disk, Ctrl-C: the unit is not recorded, so none of its shards stays
+        except BaseException:  # a full disk, Ctrl-C: unless the manifest on disk records the unit, none of its shards stays
+            if _records_unit(out_dir, unit):  # the manifest was in place when the Ctrl-C came
+                manifest.update(recorded)
+                raise
             for shard, record in zip(shards, named):
                 for path in (shard["partial"], os.path.join(out_dir, record["path"])):
                     with contextlib.suppress(FileNotFoundError):

@@ -272,9 +272,12 @@ def test_packaged_tokenizer_identifiers_load_without_the_hub():
         tokenizer_file("tokenizers/gpt2.json")
 
 
-def test_a_manifest_write_that_fails_leaves_its_unit_unnamed_and_the_rerun_finishes(tmp_path, monkeypatch):
-    """The disk fills after a unit's shards were named but before the manifest recorded them: the unit's named
-    shards go (the folder holds only recorded units), and the rerun redoes it and writes the clean run's files."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["full disk before the manifest", "Ctrl-C after it"])
+def test_a_unit_stays_only_if_the_manifest_on_disk_records_it_and_the_rerun_finishes(tmp_path, monkeypatch, in_place):
+    """The second unit's manifest write fails: before the manifest is in place (a full disk), the unit's named
+    shards go; once it is in place (a Ctrl-C during the folder's fsync, say) they stay, as the manifest lists
+    them. Either way the folder holds exactly what its manifest records, and the rerun ends with the clean
+    run's files."""
     import olmoe_gatepro.jsonl as jsonl
     from olmoe_gatepro.jsonl import FileWriteError
 
@@ -282,19 +285,22 @@ def test_a_manifest_write_that_fails_leaves_its_unit_unnamed_and_the_rerun_finis
     clean = write_token_files(inputs, str(tmp_path / "clean"), tokens_per_file=200)
     out = tmp_path / "cut"
     real, writes = jsonl.write_text_atomically, []
+    failure = KeyboardInterrupt() if in_place else FileWriteError("the disk is full; nothing half-written was left")
 
     def second_write_fails(path, text):
         writes.append(path)
-        if len(writes) == 2:
-            raise FileWriteError(f"{path}: cannot write: the disk is full; nothing half-written was left")
+        if len(writes) == 2 and not in_place:
+            raise failure
         real(path, text)
+        if len(writes) == 2:
+            raise failure
 
     monkeypatch.setattr(jsonl, "write_text_atomically", second_write_fails)
-    with pytest.raises(FileWriteError):
+    with pytest.raises(type(failure)):
         write_token_files(inputs, str(out), tokens_per_file=200)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["done"]) == 1 and set(_files(out)) == {shard["path"] for shard in manifest["shards"]}
-    assert not list(out.glob("*.partial"))
+    assert len(manifest["done"]) == (2 if in_place else 1)
+    assert set(_files(out)) == {shard["path"] for shard in manifest["shards"]} and not list(out.glob("*.partial"))
     monkeypatch.setattr(jsonl, "write_text_atomically", real)
     assert [os.path.basename(path) for path in write_token_files(inputs, str(out), tokens_per_file=200)] == \
         [os.path.basename(path) for path in clean]
