@@ -78,11 +78,13 @@ def interruptible_job(function, *args):
     """``function(*args)`` in a pool worker: a Ctrl-C raises ``KeyboardInterrupt`` in it (never swallowed),
     and one that came before, while the worker was idle or in an earlier job, raises before it starts."""
     global _worker_interrupted
-    if _worker_interrupted:
-        raise KeyboardInterrupt
     try:
         with remembered_interrupts():
-            return function(*args)
+            if _worker_interrupted:  # checked inside: a SIGINT from here on raises
+                raise KeyboardInterrupt
+            result = function(*args)
+            _worker_interrupted = _interrupted.is_set()  # one the job swallowed: no further job starts
+            return result
     except KeyboardInterrupt:
         _worker_interrupted = True
         raise
