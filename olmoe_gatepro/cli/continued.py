@@ -27,10 +27,11 @@ def register(command) -> None:
     for flag, default, text in (("--sequence-length", 2048, "tokens per sequence"),
                                 ("--micro-batch-sequences", 4, "sequences per process and micro-batch"),
                                 ("--gradient-accumulation-steps", 1, "micro-batches per optimizer step"),
-                                ("--warmup-tokens", 0, "linear warmup over this many tokens, in whole steps (then cosine decay)"),
                                 ("--seed", 0, "data order and initial RNG"),
                                 ("--metrics-interval-steps", 10, "log routing metrics every this many steps")):
         resume.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+    resume.add_argument("--warmup-tokens", type=count, default=0,
+                        help="linear warmup over this many tokens, in whole steps, e.g. 1e8 (then cosine decay; default 0)")
     resume.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: 1e-5)")
     resume.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast; weights and optimizer state stay float32 (GPUs)")
