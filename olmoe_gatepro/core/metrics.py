@@ -154,14 +154,14 @@ class RoutingTally:
             counts[n + 3 + 2 * index] += (margins.double() < penalty).sum().to(counts.dtype)  # lambda as given
 
     def rates(self) -> dict:
-        """Load metrics; ``routed_tokens``; ``partner_coactivation`` (hits over token-expert pairs) beside
-        ``partner_coactivation_chance``; ``flip_rates`` and ``margins_below``, one fraction of tokens per penalty."""
+        """``load`` (``load_metrics``); ``routed_tokens``; ``partner_coactivation`` (hits over token-expert pairs)
+        beside ``partner_coactivation_chance``; ``flip_rates`` and ``margins_below``, one fraction of tokens per penalty."""
         n = self.num_experts
         counted = self.counts.tolist()
         tokens = counted[n]
         share = (lambda count: count / tokens) if tokens else (lambda count: float("nan"))
         return {
-            **load_metrics(self.counts[:n]),
+            "load": load_metrics(self.counts[:n]),
             "routed_tokens": int(tokens),
             "partner_coactivation": counted[n + 1] / (tokens * self.top_k) if tokens else float("nan"),
             "partner_coactivation_chance": partner_coactivation_chance(n, self.top_k),

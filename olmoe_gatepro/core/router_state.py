@@ -126,8 +126,7 @@ def tally_metrics(tally: RoutingTally) -> dict[str, float | int]:
     uniformly random top-k level ``partner_coactivation_chance``.
     """
     rates = tally.rates()
-    load = {key: rates[key] for key in ("zero_token_count", "load_imbalance", "load_entropy")}
-    return {**load, "flip_rate": rates["flip_rates"][0], "partner_coactivation": rates["partner_coactivation"],
+    return {**rates["load"], "flip_rate": rates["flip_rates"][0], "partner_coactivation": rates["partner_coactivation"],
             "partner_coactivation_chance": rates["partner_coactivation_chance"],
             "margin_below_penalty": rates["margins_below"][0], "routed_tokens": rates["routed_tokens"]}
 

@@ -176,7 +176,7 @@ class _LayerTally:
         return {
             "layer": layer,
             "expert_tokens": [int(count) for count in self.tally.counts[: self.num_experts].tolist()],
-            **{key: rates[key] for key in ("zero_token_count", "load_imbalance", "load_entropy")},
+            **rates["load"],
             "partner_coactivation": rates["partner_coactivation"],
             "partner_coactivation_chance": rates["partner_coactivation_chance"],
             "boundary_margin_quantiles": quantiles,

@@ -142,7 +142,7 @@ def test_routing_tally_at_several_penalties_matches_the_plain_loop_references_an
     got = whole.rates()
     assert got["routed_tokens"] == 60
     assert got["partner_coactivation"] == pytest.approx(reference_partner_coactivation(chosen, weight))
-    assert (got["zero_token_count"], got["load_imbalance"]) == pytest.approx(reference_load(chosen, 8))
+    assert (got["load"]["zero_token_count"], got["load"]["load_imbalance"]) == pytest.approx(reference_load(chosen, 8))
     assert got["flip_rates"] == pytest.approx([reference_flip_rate(logits, weight, top_k, p) for p in penalties])
     assert got["margins_below"] == pytest.approx([reference_margin_fraction(logits, top_k, p) for p in penalties])
     assert got["flip_rates"][0] < got["flip_rates"][1] and 0 < got["margins_below"][0] < got["margins_below"][1]
